@@ -14,6 +14,7 @@ from fnnet._src.combinators import fn, parallel, repeat, residual, serial
 # --- recurrent cells and sequence layers ---
 # --- attention and the transformer block ---
 # --- inspection ---
+from fnnet._src.summary import Summary, summary
 
 from fnnet import models
 

@@ -227,9 +227,8 @@ def repeat(block: Layer, n: int, name: str = "repeat") -> Layer:
 
         def body(h, inputs):
             p, s, k = inputs
-            with errors.scope("block"):
-                y, s = block.apply_with_state(p, s, h, key=k, train=train)
-                _same_struct(name, h, y, "a repeated block")
+            y, s = apply_child("block", block, p, s, h, key=k, train=train)
+            _same_struct(name, h, y, "a repeated block")
             return y.astype(h.dtype), s
 
         y, new_state = jax.lax.scan(body, x, (params, state, keys), length=n)

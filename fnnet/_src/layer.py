@@ -115,11 +115,20 @@ _RECORDER: contextvars.ContextVar[list | None] = contextvars.ContextVar(
 )
 
 
-def record(layer: Layer, params: Params, y: Any) -> None:
-    """Notes a child's output while a summary is being taken (otherwise a no-op)."""
+def _reserve() -> int | None:
+    """Reserves the current layer's row, so parents are listed before children."""
     log = _RECORDER.get()
-    if log is not None:
-        log.append((errors.current_path(), layer.name, params, y))
+    if log is None:
+        return None
+    log.append(None)
+    return len(log) - 1
+
+
+def record(slot: int | None, layer: Layer, params: Params, y: Any) -> None:
+    """Fills a reserved row while a summary is being taken (otherwise a no-op)."""
+    log = _RECORDER.get()
+    if log is not None and slot is not None:
+        log[slot] = (errors.current_path(), layer.name, params, y)
 
 
 def recording() -> tuple[contextvars.Token, list]:
@@ -160,6 +169,7 @@ def apply_child(
 ) -> tuple[Any, State]:
     """Applies ``layer`` as child ``name``; returns ``(y, new_state)``."""
     with errors.scope(name):
+        slot = _reserve()
         y, new_state = layer.apply_with_state(params, state, x, key=key, train=train)
-        record(layer, params, y)
+        record(slot, layer, params, y)
         return y, new_state

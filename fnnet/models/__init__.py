@@ -1,0 +1,1 @@
+"""The four architectures the explainer names, each a function returning a Layer."""
