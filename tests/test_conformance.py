@@ -147,3 +147,27 @@ def test_registry_covers_public_layers():
     covered = {name for c in CASES for name in c.covers}
     missing = sorted(_layer_factories() - covered)
     assert not missing, f"public layers missing from tests/cases_*.py: {missing}"
+
+
+def _is_float(tree) -> bool:
+    return all(jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) for a in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize(
+    "case",
+    # BatchNorm's cross-example statistics are differentiated in test_gradients_are_finite.
+    [c for c in CASES if c.vmap_axis_name is None and _is_float(c.example(np.random.default_rng(0)))],
+    ids=lambda c: c.name,
+)
+def test_input_gradients_are_finite(case):
+    """Reverse-mode differentiation works through every float-input layer, with or
+    without parameters (a non-differentiable primitive fails here)."""
+    layer, x, params, state = _setup(case)
+    key = jax.random.key(1)
+
+    def loss(x):
+        return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree.leaves(
+            _run(layer, case, params, state, x, key)))
+
+    for g in jax.tree.leaves(jax.grad(loss)(x)):
+        assert bool(jnp.all(jnp.isfinite(g)))

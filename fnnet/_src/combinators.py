@@ -205,7 +205,8 @@ def repeat(block: Layer, n: int, name: str = "repeat") -> Layer:
 
     Parameters (and state) of the ``n`` copies are stacked along a new leading
     axis, so a deep stack is traced and compiled once, whatever ``n`` is.
-    ``block`` must map its input to the same shape and dtype.
+    ``block`` must map its input to the same shape and dtype. Extra keyword
+    arguments to ``apply`` (a mask) are passed to every copy.
 
     Args:
       block: the layer to repeat.
@@ -222,12 +223,12 @@ def repeat(block: Layer, n: int, name: str = "repeat") -> Layer:
             _same_struct(name, x, output_struct(block, *first, x), "a repeated block")
         return params, state
 
-    def apply(params, state, x, *, key=None, train=False):
+    def apply(params, state, x, *, key=None, train=False, **kwargs):
         keys = None if key is None else jax.random.split(key, n)
 
         def body(h, inputs):
             p, s, k = inputs
-            y, s = apply_child("block", block, p, s, h, key=k, train=train)
+            y, s = apply_child("block", block, p, s, h, key=k, train=train, **kwargs)
             _same_struct(name, h, y, "a repeated block")
             return y.astype(h.dtype), s
 

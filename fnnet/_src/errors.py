@@ -41,6 +41,9 @@ class LayerError(ValueError):
         return (type(self), (self.kind, self.message, self.path))
 
 
+LayerError.__module__ = "fnnet"  # shown as fnnet.LayerError, where users import it
+
+
 def current_path() -> str:
     """The path of the layer currently being initialized or applied."""
     return "/".join(_PATH.get())

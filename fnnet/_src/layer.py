@@ -68,11 +68,15 @@ class Layer(NamedTuple):
         *,
         key: jax.Array | None = None,
         train: bool = False,
+        **kwargs: Any,
     ) -> tuple[Any, State]:
-        """``apply`` with the stateful signature: returns ``(y, new_state)``."""
+        """``apply`` with the stateful signature: returns ``(y, new_state)``.
+
+        Extra keyword arguments (a mask, sequence lengths) go to ``apply`` unchanged.
+        """
         if self.stateful:
-            return self.apply(params, state, x, key=key, train=train)
-        return self.apply(params, x, key=key, train=train), state
+            return self.apply(params, state, x, key=key, train=train, **kwargs)
+        return self.apply(params, x, key=key, train=train, **kwargs), state
 
 
 def from_stateful(
@@ -93,8 +97,8 @@ def from_stateful(
     def init(key, x):
         return init_with_state(key, x)[0]
 
-    def apply(params, x, *, key=None, train=False):
-        return apply_with_state(params, {}, x, key=key, train=train)[0]
+    def apply(params, x, *, key=None, train=False, **kwargs):
+        return apply_with_state(params, {}, x, key=key, train=train, **kwargs)[0]
 
     return Layer(init, apply, name, False)
 
@@ -166,10 +170,11 @@ def apply_child(
     *,
     key: jax.Array | None,
     train: bool,
+    **kwargs: Any,
 ) -> tuple[Any, State]:
     """Applies ``layer`` as child ``name``; returns ``(y, new_state)``."""
     with errors.scope(name):
         slot = _reserve()
-        y, new_state = layer.apply_with_state(params, state, x, key=key, train=train)
+        y, new_state = layer.apply_with_state(params, state, x, key=key, train=train, **kwargs)
         record(slot, layer, params, y)
         return y, new_state

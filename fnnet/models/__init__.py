@@ -1,1 +1,23 @@
-"""The four architectures the explainer names, each a function returning a Layer."""
+"""The four families of network the explainer names, each a function returning a Layer.
+
+- feedforward: :func:`mlp`
+- convolutional: :func:`cnn` (1D signals and 2D images)
+- recurrent: :func:`rnn` (simple, LSTM or GRU cells; classifier or sequence to sequence)
+- transformer: :func:`transformer_classifier` and the language model
+  :func:`transformer_lm`, with :func:`init_cache` and :func:`generate` for decoding
+"""
+
+from fnnet.models._cnn import cnn
+from fnnet.models._mlp import mlp
+from fnnet.models._rnn import rnn
+from fnnet.models._transformer import generate, init_cache, transformer_classifier, transformer_lm
+
+__all__ = [
+    "cnn",
+    "generate",
+    "init_cache",
+    "mlp",
+    "rnn",
+    "transformer_classifier",
+    "transformer_lm",
+]

@@ -1,0 +1,81 @@
+"""The feedforward network: dense layers with an activation between them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fnnet._src import errors
+from fnnet._src.activations import get_activation
+from fnnet._src.dense import dense
+from fnnet._src.dropout import dropout
+from fnnet._src.layer import Layer, apply_child, init_child, split_key
+
+
+def mlp(
+    out_features: int,
+    hidden: Sequence[int] = (128,),
+    *,
+    activation: str | Callable = "relu",
+    residual: bool = False,
+    dropout_rate: float = 0.0,
+    flatten: bool = True,
+    w_init: Callable | None = None,
+    b_init: Callable | None = None,
+) -> Layer:
+    """A multilayer perceptron: input layer, hidden layers, output layer.
+
+    Each hidden layer computes ``h = activation(h @ w + b)``; the output layer is
+    linear (logits for classification, values for regression). With
+    ``residual=True`` every hidden layer after the first whose width matches the
+    previous one adds its input back: ``h = h + activation(h @ w + b)`` (the
+    MNIST-1D paper's MLP is ``mlp(10, (100, 100), residual=True)``).
+
+    Args:
+      out_features: size of the output layer.
+      hidden: widths of the hidden layers; ``()`` gives a linear model.
+      activation: a name from ``fnnet.activation`` (``"relu"``, ``"gelu"``, ...)
+        or a function.
+      residual: add skip connections around equal-width hidden layers.
+      dropout_rate: probability of dropping each hidden unit while training.
+      flatten: flatten the example first, so images and sequences work as vectors.
+      w_init, b_init: initializers for every dense layer (default LeCun normal, zeros).
+
+    Input: one example of any shape (``(features,)`` when ``flatten=False``).
+    Output: ``(out_features,)``.
+
+    Params: ``{"hidden_0": {"w", "b"}, ..., "out": {"w", "b"}}``.
+    """
+    errors.positive_int(out_features, "mlp", "out_features")
+    for i, width in enumerate(hidden):
+        errors.positive_int(width, "mlp", f"hidden[{i}]")
+    act = get_activation(activation)
+    inits = {"w_init": w_init, "b_init": b_init}
+    layers = {f"hidden_{i}": dense(width, **inits) for i, width in enumerate(hidden)}
+    layers["out"] = dense(out_features, **inits)
+    drop = dropout(dropout_rate)
+
+    def _flat(x):
+        return jnp.reshape(x, (-1,)) if flatten else x
+
+    def init(key, x):
+        h = jax.ShapeDtypeStruct((jnp.size(x),) if flatten else jnp.shape(x), x.dtype)
+        params = {}
+        for (name, layer), k in zip(layers.items(), split_key(key, len(layers))):
+            params[name], _, h = init_child(name, layer, k, h)
+        return params
+
+    def apply(params, x, *, key=None, train=False):
+        h = _flat(x)  # (features,)
+        keys = split_key(key, len(hidden))
+        for i, k in enumerate(keys):
+            name = f"hidden_{i}"
+            z, _ = apply_child(name, layers[name], params[name], {}, h, key=None, train=train)
+            z = drop.apply({}, act(z), key=k, train=train)  # (hidden[i],)
+            h = h + z if residual and i > 0 and z.shape == h.shape else z
+        y, _ = apply_child("out", layers["out"], params["out"], {}, h, key=None, train=train)
+        return y  # (out_features,)
+
+    return Layer(init, apply, "mlp")
