@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import fnnet
 from bench import handwritten
 
 BATCH = 128
@@ -94,7 +93,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=20)
     args = parser.parse_args()
-    print(f"# jax {jax.__version__}, {jax.devices()[0].platform}, {platform.processor() or platform.machine()}")
+    cpu = platform.processor() or platform.machine()
+    print(f"# jax {jax.__version__}, {jax.devices()[0].platform}, {cpu}")
     results = run(args.rounds, args.calls)
     print()
     print("| model | fnnet ms/step | jax.numpy ms/step | speed ratio (jnp time / fnnet time) |")

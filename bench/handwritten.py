@@ -25,11 +25,74 @@ def cnn_forward(params, x):
         del k
         p = params[f"conv_{i}"]
         h = jax.lax.conv_general_dilated(
-            h, p["w"], window_strides=(2,), padding=((1, 1),),
+            h,
+            p["w"],
+            window_strides=(2,),
+            padding=((1, 1),),
             dimension_numbers=("NWC", "WIO", "NWC"),
         )
         h = jax.nn.relu(h + p["b"])
     h = h.reshape(h.shape[0], -1)  # (batch, positions * channels)
+    return h @ params["out"]["w"] + params["out"]["b"]
+
+
+def _gru_direction(cell, x, reverse):
+    """One GRU direction over a batch: x (batch, seq, features) -> (batch, seq, hidden)."""
+    xs = jnp.swapaxes(x @ cell["input"]["w"] + cell["input"]["b"], 0, 1)  # (seq, batch, 3 * hidden)
+    if reverse:
+        xs = xs[::-1]
+    u, b_hn = cell["recurrent"]["w"], cell["recurrent"]["b"]
+
+    def step(h, xt):
+        xr, xz, xn = jnp.split(xt, 3, axis=-1)
+        hr, hz, hn = jnp.split(h @ u, 3, axis=-1)
+        r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+        h = (1 - z) * jnp.tanh(xn + r * (hn + b_hn)) + z * h
+        return h, h
+
+    h0 = jnp.zeros((x.shape[0], u.shape[0]), x.dtype)
+    _, hs = jax.lax.scan(step, h0, xs)  # (seq, batch, hidden)
+    if reverse:
+        hs = hs[::-1]
+    return jnp.swapaxes(hs, 0, 1)
+
+
+def gru_forward(params, x):
+    x = x[..., None]  # (batch, seq, 1)
+    layer = params["rnn_0"]
+    h = jnp.concatenate(
+        [
+            _gru_direction(layer["forward"]["cell"], x, False),
+            _gru_direction(layer["backward"]["cell"], x, True),
+        ],
+        axis=-1,
+    )
+    h = h.reshape(h.shape[0], -1)  # (batch, seq * 2 * hidden)
+    return h @ params["out"]["w"] + params["out"]["b"]
+
+
+def _layer_norm(p, x, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def transformer_forward(params, x, depth=2):
+    h = x.reshape(x.shape[0], 10, 4)  # (batch, tokens, patch): patches of 4 samples
+    h = h @ params["embed"]["w"] + params["embed"]["b"]  # (batch, tokens, width)
+    h = h + params["position"]["table"][: h.shape[1]]
+    for i in range(depth):
+        p = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
+        a = p["attn"]
+        z = _layer_norm(p["ln1"], h)
+        q, k, v = (jnp.einsum("bsf,fhd->bshd", z, a[n]["w"]) + a[n]["b"] for n in "qkv")
+        o = jax.nn.dot_product_attention(q, k, v)  # (batch, tokens, heads, head_dim)
+        h = h + jnp.einsum("bshd,hdf->bsf", o, a["out"]["w"]) + a["out"]["b"]
+        z = _layer_norm(p["ln2"], h)
+        m = p["mlp"]
+        z = jax.nn.gelu(z @ m["up"]["w"] + m["up"]["b"])
+        h = h + z @ m["down"]["w"] + m["down"]["b"]
+    h = _layer_norm(params["ln_f"], h).mean(axis=1)  # (batch, width)
     return h @ params["out"]["w"] + params["out"]["b"]
 
 
@@ -43,10 +106,23 @@ def _signals_with_channel(rng, batch):
 
 CASES = {
     "mlp (MNIST-1D, 15k params)": (
-        fnnet.models.mlp(10, (100, 100), residual=True), mlp_forward, _signals,
+        fnnet.models.mlp(10, (100, 100), residual=True),
+        mlp_forward,
+        _signals,
     ),
     "cnn (MNIST-1D, 5k params)": (
         fnnet.models.cnn(10, (25, 25, 25), kernel_size=(5, 3, 3), strides=2, padding=1, pool=None),
-        cnn_forward, _signals_with_channel,
+        cnn_forward,
+        _signals_with_channel,
+    ),
+    "gru (MNIST-1D, bidirectional, 5k params)": (
+        fnnet.models.rnn(10, 6, cell="gru", bidirectional=True, output="flatten"),
+        gru_forward,
+        _signals,
+    ),
+    "transformer (patches of 4, width 64, depth 2)": (
+        fnnet.models.transformer_classifier(10, width=64, depth=2, num_heads=4, patch_size=4),
+        transformer_forward,
+        _signals,
     ),
 }

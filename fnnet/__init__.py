@@ -5,17 +5,108 @@ A layer is a :class:`Layer`, a named pair of pure functions ``init(key, x)`` and
 ``docs/concepts.md`` for a tour and ``docs/extending.md`` to write your own layer.
 """
 
+# The protocol and composition.
 from fnnet._src.errors import LayerError
 from fnnet._src.layer import Layer
 from fnnet._src.combinators import fn, parallel, repeat, residual, serial
 
-# --- dense, neuron, activations, dropout, normalization (basic layers) ---
-# --- convolution, pooling, flatten, embedding, positional encodings ---
-# --- recurrent cells and sequence layers ---
-# --- attention and the transformer block ---
-# --- inspection ---
+# Neurons, dense layers, activations, dropout, normalization.
+from fnnet._src.dense import dense, neuron
+from fnnet._src.activations import (
+    activation,
+    elu,
+    gelu,
+    get_activation,
+    identity,
+    leaky_relu,
+    log_softmax,
+    relu,
+    sigmoid,
+    silu,
+    softmax,
+    softplus,
+    tanh,
+)
+from fnnet._src.dropout import dropout
+from fnnet._src.normalization import batch_norm, group_norm, layer_norm, rms_norm
+
+# Convolution, pooling, embedding, positions.
+from fnnet._src.conv import conv, conv1d, conv2d
+from fnnet._src.pooling import avg_pool, flatten, global_avg_pool, global_max_pool, max_pool
+from fnnet._src.embedding import attend, embedding
+from fnnet._src.positional import apply_rotary, learned_position, rotary, sinusoidal_position
+
+# Recurrence.
+from fnnet._src.cells import Cell, gru_cell, lstm_cell, simple_cell
+from fnnet._src.recurrent import bidirectional, gru, lstm, rnn, simple_rnn
+
+# Attention and the transformer block.
+from fnnet._src.attention import init_attention_cache, multi_head_attention
+from fnnet._src.transformer_block import transformer_block
+
+# Inspection.
 from fnnet._src.summary import Summary, summary
 
+# The four architectures.
 from fnnet import models
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Cell",
+    "Layer",
+    "LayerError",
+    "Summary",
+    "activation",
+    "apply_rotary",
+    "attend",
+    "avg_pool",
+    "batch_norm",
+    "bidirectional",
+    "conv",
+    "conv1d",
+    "conv2d",
+    "dense",
+    "dropout",
+    "elu",
+    "embedding",
+    "flatten",
+    "fn",
+    "gelu",
+    "get_activation",
+    "global_avg_pool",
+    "global_max_pool",
+    "group_norm",
+    "gru",
+    "gru_cell",
+    "identity",
+    "init_attention_cache",
+    "layer_norm",
+    "leaky_relu",
+    "learned_position",
+    "log_softmax",
+    "lstm",
+    "lstm_cell",
+    "max_pool",
+    "models",
+    "multi_head_attention",
+    "neuron",
+    "parallel",
+    "relu",
+    "repeat",
+    "residual",
+    "rms_norm",
+    "rnn",
+    "rotary",
+    "serial",
+    "sigmoid",
+    "silu",
+    "simple_cell",
+    "simple_rnn",
+    "sinusoidal_position",
+    "softmax",
+    "softplus",
+    "summary",
+    "tanh",
+    "transformer_block",
+]

@@ -33,11 +33,17 @@ def _structure(case) -> dict:
 
     def flat(tree):
         return {
-            jax.tree_util.keystr(path, simple=True, separator="/"): [list(leaf.shape), str(leaf.dtype)]
+            jax.tree_util.keystr(path, simple=True, separator="/"): [
+                list(leaf.shape),
+                str(leaf.dtype),
+            ]
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
         }
 
-    out = {"params": flat(params), "count": sum(math.prod(l.shape) for l in jax.tree.leaves(params))}
+    out = {
+        "params": flat(params),
+        "count": sum(math.prod(l.shape) for l in jax.tree.leaves(params)),
+    }
     if jax.tree.leaves(state):
         out["state"] = flat(state)
     return out

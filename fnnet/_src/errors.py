@@ -16,9 +16,7 @@ import contextvars
 from collections.abc import Iterator
 from typing import NoReturn
 
-_PATH: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
-    "fnnet_path", default=()
-)
+_PATH: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("fnnet_path", default=())
 
 
 class LayerError(ValueError):

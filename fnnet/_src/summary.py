@@ -57,8 +57,7 @@ class Summary:
     def __str__(self) -> str:
         header = ("path", "kind", "output shape", "params")
         body = [
-            (r.path or "(model)", r.kind, _shape_str(r.shape), f"{r.params:,}")
-            for r in self.rows
+            (r.path or "(model)", r.kind, _shape_str(r.shape), f"{r.params:,}") for r in self.rows
         ]
         widths = [max(len(row[i]) for row in (header, *body)) for i in range(4)]
 

@@ -115,8 +115,11 @@ def cnn(
         if rank == dims:
             return jnp.expand_dims(x, -1)
         if rank != dims + 1:
-            errors.fail("cnn", f"expected an example with {dims} spatial axes and a channel "
-                        f"axis, got shape {jnp.shape(x)}")
+            errors.fail(
+                "cnn",
+                f"expected an example with {dims} spatial axes and a channel "
+                f"axis, got shape {jnp.shape(x)}",
+            )
         return x
 
     def _stages(run, lift, h):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -61,7 +62,7 @@ def mlp(
         return jnp.reshape(x, (-1,)) if flatten else x
 
     def init(key, x):
-        h = jax.ShapeDtypeStruct((jnp.size(x),) if flatten else jnp.shape(x), x.dtype)
+        h = jax.ShapeDtypeStruct((math.prod(x.shape),) if flatten else tuple(x.shape), x.dtype)
         params = {}
         for (name, layer), k in zip(layers.items(), split_key(key, len(layers))):
             params[name], _, h = init_child(name, layer, k, h)

@@ -69,8 +69,10 @@ def rnn(
         if jnp.ndim(x) == 1:
             return jnp.expand_dims(x, -1)  # (seq, 1)
         if jnp.ndim(x) != 2:
-            errors.fail("rnn model", f"expected a sequence (seq, features) or (seq,), got shape "
-                        f"{jnp.shape(x)}")
+            errors.fail(
+                "rnn model",
+                f"expected a sequence (seq, features) or (seq,), got shape {jnp.shape(x)}",
+            )
         return x
 
     def _child(i, d):
@@ -116,8 +118,9 @@ def rnn(
             outs = []
             for d in directions:
                 p = params[f"rnn_{i}"][d] if bidirectional else params[f"rnn_{i}"]
-                y, _ = apply_child(_child(i, d), recurrent[d], p, {}, h, key=None, train=train,
-                                   **extra)
+                y, _ = apply_child(
+                    _child(i, d), recurrent[d], p, {}, h, key=None, train=train, **extra
+                )
                 outs.append(y)  # (seq, hidden)
             h = jnp.concatenate(outs, axis=-1)  # (seq, hidden * directions)
             h = drop.apply({}, h, key=keys[i], train=train)
@@ -141,4 +144,3 @@ def rnn(
         return y
 
     return Layer(init, apply, "rnn_model")
-

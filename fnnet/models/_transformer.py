@@ -15,7 +15,6 @@ from fnnet._src import errors
 from fnnet._src.attention import init_attention_cache
 from fnnet._src.combinators import repeat
 from fnnet._src.dense import dense
-from fnnet._src.dropout import dropout
 from fnnet._src.embedding import attend, embedding
 from fnnet._src.layer import Layer, apply_child, init_child, split_key
 from fnnet._src.normalization import layer_norm
@@ -93,8 +92,11 @@ def transformer_classifier(
     if vocab is not None:
         errors.positive_int(vocab, kind, "vocab")
     block = transformer_block(
-        num_heads, mlp_ratio=mlp_ratio, num_kv_heads=num_kv_heads,
-        dropout_rate=dropout_rate, rotary=position == "rotary",
+        num_heads,
+        mlp_ratio=mlp_ratio,
+        num_kv_heads=num_kv_heads,
+        dropout_rate=dropout_rate,
+        rotary=position == "rotary",
     )
     children: dict[str, Layer] = {
         "embed": embedding(vocab, width) if vocab is not None else dense(width),
@@ -109,14 +111,18 @@ def transformer_classifier(
     def _tokens(x):
         if vocab is not None:
             if not jnp.issubdtype(x.dtype, jnp.integer) or jnp.ndim(x) != 1:
-                errors.fail(kind, f"expected int token ids of shape (seq,), got {x.dtype} "
-                            f"{jnp.shape(x)}")
+                errors.fail(
+                    kind, f"expected int token ids of shape (seq,), got {x.dtype} {jnp.shape(x)}"
+                )
             return x
         if jnp.ndim(x) == 1:
             x = jnp.expand_dims(x, -1)  # (seq, 1)
         if jnp.ndim(x) != 2 or x.shape[0] % patch_size:
-            errors.fail(kind, f"expected (seq,) or (seq, features) with seq divisible by "
-                        f"patch_size {patch_size}, got shape {jnp.shape(x)}")
+            errors.fail(
+                kind,
+                f"expected (seq,) or (seq, features) with seq divisible by "
+                f"patch_size {patch_size}, got shape {jnp.shape(x)}",
+            )
         return jnp.reshape(x, (x.shape[0] // patch_size, -1))  # (tokens, patch_size * features)
 
     def init(key, x):
@@ -130,15 +136,25 @@ def transformer_classifier(
         return params
 
     def apply(params, x, *, key=None, train=False, mask=None):
-        k_blocks, = split_key(key, 1)
-        h, _ = apply_child("embed", children["embed"], params["embed"], {}, _tokens(x),
-                           key=None, train=train)  # (seq, width)
+        (k_blocks,) = split_key(key, 1)
+        h, _ = apply_child(
+            "embed", children["embed"], params["embed"], {}, _tokens(x), key=None, train=train
+        )  # (seq, width)
         if pos is not None:
-            h, _ = apply_child("position", pos, params.get("position", {}), {}, h,
-                               key=None, train=train)
+            h, _ = apply_child(
+                "position", pos, params.get("position", {}), {}, h, key=None, train=train
+            )
         extra = {} if mask is None else {"mask": mask}
-        h, _ = apply_child("blocks", children["blocks"], params["blocks"], {}, h,
-                           key=k_blocks, train=train, **extra)
+        h, _ = apply_child(
+            "blocks",
+            children["blocks"],
+            params["blocks"],
+            {},
+            h,
+            key=k_blocks,
+            train=train,
+            **extra,
+        )
         h, _ = apply_child("ln_f", children["ln_f"], params["ln_f"], {}, h, key=None, train=train)
         if mask is None:
             pooled = jnp.mean(h, axis=0)  # (width,)
@@ -193,11 +209,18 @@ def transformer_lm(
     errors.positive_int(max_len, kind, "max_len")
     _check_common(kind, width, depth, num_heads, num_kv_heads, position)
     if position == "sinusoidal":
-        errors.fail(kind, "position 'sinusoidal' is not supported with a decoding cache; "
-                    "use 'rotary' or 'learned'")
+        errors.fail(
+            kind,
+            "position 'sinusoidal' is not supported with a decoding cache; "
+            "use 'rotary' or 'learned'",
+        )
     block = transformer_block(
-        num_heads, mlp_ratio=mlp_ratio, num_kv_heads=num_kv_heads, causal=True,
-        dropout_rate=dropout_rate, rotary=position == "rotary",
+        num_heads,
+        mlp_ratio=mlp_ratio,
+        num_kv_heads=num_kv_heads,
+        causal=True,
+        dropout_rate=dropout_rate,
+        rotary=position == "rotary",
     )
     blocks = repeat(block, depth)
     embed = embedding(vocab, width)
@@ -206,9 +229,10 @@ def transformer_lm(
     out = None if tie_embeddings else dense(vocab, use_bias=False)
 
     def _check_tokens(x):
-        if not jnp.issubdtype(x.dtype, jnp.integer) or jnp.ndim(x) != 1:
-            errors.fail(kind, f"expected int token ids of shape (seq,), got {x.dtype} "
-                        f"{jnp.shape(x)}")
+        if not jnp.issubdtype(x.dtype, jnp.integer) or len(x.shape) != 1:
+            errors.fail(
+                kind, f"expected int token ids of shape (seq,), got {x.dtype} {tuple(x.shape)}"
+            )
 
     def init(key, x):
         _check_tokens(x)
@@ -234,8 +258,9 @@ def transformer_lm(
         h, _ = apply_child("embed", embed, params["embed"], {}, x, key=None, train=train)
         if cache is None:
             if pos is not None:
-                h, _ = apply_child("position", pos, params["position"], {}, h, key=None,
-                                   train=train)
+                h, _ = apply_child(
+                    "position", pos, params["position"], {}, h, key=None, train=train
+                )
             h, _ = apply_child("blocks", blocks, params["blocks"], {}, h, key=key, train=train)
             return _logits(params, h, train)  # (seq, vocab)
         if pos is not None:  # learned positions continue from where the cache stops
@@ -300,8 +325,10 @@ def generate(
     """
     errors.positive_int(max_new_tokens, "generate", "max_new_tokens")
     if jnp.ndim(prompt) != 1 or prompt.shape[0] < 1:
-        errors.fail("generate", f"prompt must be (seq,) token ids with seq >= 1, got shape "
-                    f"{jnp.shape(prompt)}")
+        errors.fail(
+            "generate",
+            f"prompt must be (seq,) token ids with seq >= 1, got shape {jnp.shape(prompt)}",
+        )
     if top_k is not None:
         errors.positive_int(top_k, "generate", "top_k")
     if temperature < 0:
