@@ -31,19 +31,16 @@ def _structure(case) -> dict:
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x)
     params, state = jax.eval_shape(layer.init_with_state, jax.random.key(0), abstract)
 
-    def flat(tree):
+    def flat(tree):  # {"attn/q/w": "float32[8,2,4]", ...}
         return {
-            jax.tree_util.keystr(path, simple=True, separator="/"): [
-                list(leaf.shape),
-                str(leaf.dtype),
-            ]
+            jax.tree_util.keystr(path, simple=True, separator="/"): (
+                f"{leaf.dtype}[{','.join(map(str, leaf.shape))}]"
+            )
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
         }
 
-    out = {
-        "params": flat(params),
-        "count": sum(math.prod(l.shape) for l in jax.tree.leaves(params)),
-    }
+    count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+    out = {"count": count, "params": flat(params)}
     if jax.tree.leaves(state):
         out["state"] = flat(state)
     return out
