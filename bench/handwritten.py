@@ -57,6 +57,42 @@ def _gru_direction(cell, x, reverse):
     return jnp.swapaxes(hs, 0, 1)
 
 
+def _gru_direction_one(cell, x, reverse):
+    """One GRU direction over one example, written per example: (seq, 1) -> (seq, hidden)."""
+    xs = x @ cell["input"]["w"] + cell["input"]["b"]  # (seq, 3 * hidden)
+    if reverse:
+        xs = xs[::-1]
+    u, b_hn = cell["recurrent"]["w"], cell["recurrent"]["b"]
+
+    def step(h, xt):
+        xr, xz, xn = jnp.split(xt, 3)
+        hr, hz, hn = jnp.split(h @ u, 3)
+        r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+        h = (1 - z) * jnp.tanh(xn + r * (hn + b_hn)) + z * h
+        return h, h
+
+    _, hs = jax.lax.scan(step, jnp.zeros(u.shape[0], x.dtype), xs)
+    return hs[::-1] if reverse else hs
+
+
+def gru_forward_per_example(params, x):
+    """The same GRU written for one example and batched with jax.vmap, fnnet's convention."""
+
+    def one(x):
+        x = x[:, None]  # (seq, 1)
+        layer = params["rnn_0"]
+        h = jnp.concatenate(
+            [
+                _gru_direction_one(layer["forward"]["cell"], x, False),
+                _gru_direction_one(layer["backward"]["cell"], x, True),
+            ],
+            axis=-1,
+        )
+        return h.reshape(-1) @ params["out"]["w"] + params["out"]["b"]
+
+    return jax.vmap(one)(x)
+
+
 def gru_forward(params, x):
     x = x[..., None]  # (batch, seq, 1)
     layer = params["rnn_0"]
@@ -77,21 +113,34 @@ def _layer_norm(p, x, eps=1e-6):
     return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
 
 
+def _block(h, p):
+    """One pre-LayerNorm transformer block over a batch: (batch, tokens, width)."""
+    a = p["attn"]
+    z = _layer_norm(p["ln1"], h)
+    q, k, v = (jnp.einsum("bsf,fhd->bshd", z, a[n]["w"]) + a[n]["b"] for n in "qkv")
+    o = jax.nn.dot_product_attention(q, k, v)  # (batch, tokens, heads, head_dim)
+    h = h + jnp.einsum("bshd,hdf->bsf", o, a["out"]["w"]) + a["out"]["b"]
+    z = _layer_norm(p["ln2"], h)
+    m = p["mlp"]
+    z = jax.nn.gelu(z @ m["up"]["w"] + m["up"]["b"])
+    return h + z @ m["down"]["w"] + m["down"]["b"]
+
+
+def transformer_forward_scanned(params, x):
+    """The same transformer with its blocks in one lax.scan, as fnnet.repeat runs them."""
+    h = x.reshape(x.shape[0], 10, 4) @ params["embed"]["w"] + params["embed"]["b"]
+    h = h + params["position"]["table"][: h.shape[1]]
+    h, _ = jax.lax.scan(lambda h, p: (_block(h, p), None), h, params["blocks"])
+    h = _layer_norm(params["ln_f"], h).mean(axis=1)
+    return h @ params["out"]["w"] + params["out"]["b"]
+
+
 def transformer_forward(params, x, depth=2):
     h = x.reshape(x.shape[0], 10, 4)  # (batch, tokens, patch): patches of 4 samples
     h = h @ params["embed"]["w"] + params["embed"]["b"]  # (batch, tokens, width)
     h = h + params["position"]["table"][: h.shape[1]]
-    for i in range(depth):
-        p = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
-        a = p["attn"]
-        z = _layer_norm(p["ln1"], h)
-        q, k, v = (jnp.einsum("bsf,fhd->bshd", z, a[n]["w"]) + a[n]["b"] for n in "qkv")
-        o = jax.nn.dot_product_attention(q, k, v)  # (batch, tokens, heads, head_dim)
-        h = h + jnp.einsum("bshd,hdf->bsf", o, a["out"]["w"]) + a["out"]["b"]
-        z = _layer_norm(p["ln2"], h)
-        m = p["mlp"]
-        z = jax.nn.gelu(z @ m["up"]["w"] + m["up"]["b"])
-        h = h + z @ m["down"]["w"] + m["down"]["b"]
+    for i in range(depth):  # unrolled: a Python loop over the blocks
+        h = _block(h, jax.tree.map(lambda a, i=i: a[i], params["blocks"]))
     h = _layer_norm(params["ln_f"], h).mean(axis=1)  # (batch, width)
     return h @ params["out"]["w"] + params["out"]["b"]
 
@@ -124,5 +173,14 @@ CASES = {
         fnnet.models.transformer_classifier(10, width=64, depth=2, num_heads=4, patch_size=4),
         transformer_forward,
         _signals,
+    ),
+}
+
+# Second hand-written versions that isolate one design choice; see bench/core.py.
+VARIANTS = {
+    "gru (MNIST-1D, bidirectional, 5k params)": ("per example + vmap", gru_forward_per_example),
+    "transformer (patches of 4, width 64, depth 2)": (
+        "blocks in lax.scan",
+        transformer_forward_scanned,
     ),
 }

@@ -22,6 +22,9 @@ def test_models_equal_their_handwritten_jax(name, rng):
     params = model.init(jax.random.key(0), xs[0])
     with jax.numpy_rank_promotion("allow"):  # the baselines broadcast biases as people do
         expected = forward(params, xs)
+        if name in handwritten.VARIANTS:
+            _, variant = handwritten.VARIANTS[name]
+            np.testing.assert_allclose(variant(params, xs), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_batch(model, params, xs), expected, rtol=1e-5, atol=1e-5)
 
 
