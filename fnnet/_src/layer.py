@@ -48,12 +48,16 @@ class Layer(NamedTuple):
         (or ``apply(params, state, x, ...) -> (y, state)`` when stateful).
       name: the kind of layer, used in error messages and summaries.
       stateful: whether the layer carries non-trainable state.
+      config: for the models fnnet ships, the JSON text of the call that built the
+        layer (see ``fnnet.models.build``), so a checkpoint can rebuild it; else None.
+        Text rather than a dict keeps the layer hashable.
     """
 
     init: Callable[..., Any]
     apply: Callable[..., Any]
     name: str = "layer"
     stateful: bool = False
+    config: str | None = None
 
     def init_with_state(self, key: jax.Array, x: Any) -> tuple[Params, State]:
         """``init`` with the stateful signature: returns ``(params, state)``."""

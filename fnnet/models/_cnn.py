@@ -16,6 +16,7 @@ from fnnet._src.dropout import dropout
 from fnnet._src.layer import Layer, apply_child, from_stateful, init_child, split_key
 from fnnet._src.normalization import batch_norm, group_norm, layer_norm
 from fnnet._src.pooling import global_avg_pool, max_pool
+from fnnet.models._config import records_config
 
 _NORMS: dict[str, Callable[[], Layer]] = {
     "batch_norm": batch_norm,
@@ -34,6 +35,7 @@ def _per_layer(value: Any, n: int, field: str) -> list:
     return values
 
 
+@records_config
 def cnn(
     out_features: int,
     channels: Sequence[int] = (32, 64),

@@ -13,8 +13,10 @@ from fnnet._src.activations import get_activation
 from fnnet._src.dense import dense
 from fnnet._src.dropout import dropout
 from fnnet._src.layer import Layer, apply_child, init_child, split_key
+from fnnet.models._config import records_config
 
 
+@records_config
 def mlp(
     out_features: int,
     hidden: Sequence[int] = (128,),

@@ -11,11 +11,13 @@ from fnnet._src.dense import dense
 from fnnet._src.dropout import dropout
 from fnnet._src.layer import Layer, apply_child, init_child, split_key
 from fnnet._src.recurrent import rnn as rnn_layer
+from fnnet.models._config import records_config
 
 CELLS = {"simple": simple_cell, "lstm": lstm_cell, "gru": gru_cell}
 OUTPUTS = ("last", "mean", "flatten", "sequence")
 
 
+@records_config
 def rnn(
     out_features: int,
     hidden: int = 64,

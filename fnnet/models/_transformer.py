@@ -20,6 +20,7 @@ from fnnet._src.layer import Layer, apply_child, init_child, split_key
 from fnnet._src.normalization import layer_norm
 from fnnet._src.positional import learned_position, sinusoidal_position
 from fnnet._src.transformer_block import transformer_block
+from fnnet.models._config import records_config
 
 POSITIONS = ("learned", "sinusoidal", "rotary")
 
@@ -46,6 +47,7 @@ def _position_layer(position: str, max_len: int) -> Layer | None:
     return None  # rotary: applied inside attention
 
 
+@records_config
 def transformer_classifier(
     out_features: int,
     *,
@@ -167,6 +169,7 @@ def transformer_classifier(
     return Layer(init, apply, kind)
 
 
+@records_config
 def transformer_lm(
     vocab: int,
     *,
