@@ -88,4 +88,12 @@ CASES = [
         ("models.transformer_lm",),
         tol=1e-4,
     ),
+    Case(
+        "models.build_rnn",
+        lambda: M.build(
+            {"model": "rnn", "kwargs": {"out_features": 2, "hidden": 3, "cell": "gru"}}
+        ),
+        normal(4, 2),
+        ("models.build",),
+    ),
 ]

@@ -154,7 +154,7 @@ NOT_LAYERS = {
     "Cell", "Layer", "LayerError", "Summary", "summary", "models", "attend", "apply_rotary",
     "get_activation", "init_attention_cache",
     "simple_cell", "lstm_cell", "gru_cell",  # cells: covered through the rnn cases
-    "models.generate", "models.init_cache", "models.build", "models.config_of",
+    "models.generate", "models.init_cache", "models.config_of",
 }  # fmt: skip
 
 
