@@ -138,3 +138,28 @@ def test_normalization_errors(key):
         jax.vmap(lambda x: layer.apply(params, state, x, train=True), axis_name="b")(
             jnp.zeros((2, 3))
         )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [fnnet.layer_norm, fnnet.rms_norm, lambda: fnnet.group_norm(2)],
+    ids=["layer_norm", "rms_norm", "group_norm"],
+)
+def test_norms_return_the_input_dtype_with_float32_statistics(make):
+    """Mixed precision: a bfloat16 activation stays bfloat16 after a norm, while the
+    statistics are computed in float32 (the result equals the float32 one, rounded)."""
+    layer = make()
+    x = jax.random.normal(jax.random.key(0), (5, 4)) * 30 + 100
+    params = layer.init(jax.random.key(1), x)
+    y16 = layer.apply(params, x.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16
+    y32 = layer.apply(params, x.astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_allclose(y16.astype(jnp.float32), y32, atol=2e-2, rtol=2e-2)
+
+
+def test_batch_norm_returns_the_input_dtype():
+    layer = fnnet.batch_norm()
+    x = jnp.ones((3, 4), jnp.bfloat16)
+    params, state = layer.init(jax.random.key(0), x[0])
+    y, new_state = layer.apply(params, state, x[0])
+    assert y.dtype == jnp.bfloat16 and new_state["mean"].dtype == jnp.float32

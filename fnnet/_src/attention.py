@@ -331,7 +331,10 @@ def _attend(q, k, v, mask, is_causal: bool, implementation):
     """(seq, heads, head_dim), (kv_seq, kv_heads, head_dim) x2 -> (seq, heads, head_dim)."""
     if mask is not None:
         mask = mask[None, None]  # (1, 1, seq, kv_seq): shared by the batch and the heads
-    out = jax.nn.dot_product_attention(
-        q[None], k[None], v[None], mask=mask, is_causal=is_causal, implementation=implementation
-    )
+    # JAX's kernel mixes its float32 scale into bfloat16 inputs; allow that here so
+    # callers under strict dtype promotion can still run bfloat16 attention.
+    with jax.numpy_dtype_promotion("standard"):
+        out = jax.nn.dot_product_attention(
+            q[None], k[None], v[None], mask=mask, is_causal=is_causal, implementation=implementation
+        )
     return out[0]

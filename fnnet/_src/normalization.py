@@ -57,6 +57,12 @@ def _per_feature(v: jax.Array, ndim: int) -> jax.Array:
     return jnp.reshape(v, (1,) * (ndim - 1) + v.shape)
 
 
+def _output_dtype(x_dtype: Any) -> jnp.dtype:
+    """Norms compute in at least float32 but hand back the input's float dtype, so a
+    bfloat16 model stays bfloat16 after each norm (mixed precision relies on it)."""
+    return x_dtype if jnp.issubdtype(x_dtype, jnp.floating) else jnp.dtype(jnp.float32)
+
+
 def _scale_and_shift(y: jax.Array, params: dict) -> jax.Array:
     if "scale" in params:
         y = y * _per_feature(params["scale"], y.ndim).astype(y.dtype)
@@ -107,10 +113,11 @@ def layer_norm(*, epsilon: float = 1e-6, use_scale: bool = True, use_bias: bool 
     def apply(params, x, *, key=None, train=False):
         del key, train
         _check_params("layer_norm", params, x)
+        out = _output_dtype(x.dtype)
         x = jnp.asarray(x).astype(_dtype(x.dtype))
         mean = jnp.mean(x, axis=-1, keepdims=True)  # (..., 1)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        return _scale_and_shift((x - mean) * jax.lax.rsqrt(var + epsilon), params)
+        return _scale_and_shift((x - mean) * jax.lax.rsqrt(var + epsilon), params).astype(out)
 
     return Layer(init, apply, "layer_norm")
 
@@ -137,9 +144,10 @@ def rms_norm(*, epsilon: float = 1e-6) -> Layer:
     def apply(params, x, *, key=None, train=False):
         del key, train
         _check_params("rms_norm", params, x)
+        out = _output_dtype(x.dtype)
         x = jnp.asarray(x).astype(_dtype(x.dtype))
         mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)  # (..., 1)
-        return _scale_and_shift(x * jax.lax.rsqrt(mean_square + epsilon), params)
+        return _scale_and_shift(x * jax.lax.rsqrt(mean_square + epsilon), params).astype(out)
 
     return Layer(init, apply, "rms_norm")
 
@@ -185,6 +193,7 @@ def group_norm(num_groups: int, *, epsilon: float = 1e-6) -> Layer:
         channels = _channels(x)
         _check_params("group_norm", params, x)
         shape = jnp.shape(x)
+        out = _output_dtype(x.dtype)
         x = jnp.asarray(x).astype(_dtype(x.dtype))
         grouped = jnp.reshape(x, (*shape[:-1], num_groups, channels // num_groups))
         # Every axis except the group axis: positions and channels within the group.
@@ -192,7 +201,7 @@ def group_norm(num_groups: int, *, epsilon: float = 1e-6) -> Layer:
         mean = jnp.mean(grouped, axis=axes, keepdims=True)  # (1, ..., groups, 1)
         var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
         y = jnp.reshape((grouped - mean) * jax.lax.rsqrt(var + epsilon), shape)
-        return _scale_and_shift(y, params)
+        return _scale_and_shift(y, params).astype(out)
 
     return Layer(init, apply, "group_norm")
 
@@ -268,6 +277,7 @@ def batch_norm(*, momentum: float = 0.99, epsilon: float = 1e-5, axis_name: str 
     def apply(params, state, x, *, key=None, train=False):
         del key
         _check_params("batch_norm", {**params, **state}, x)
+        out = _output_dtype(x.dtype)
         x = jnp.asarray(x).astype(_dtype(x.dtype))
         if train:
             mean, var = _batch_statistics(x)
@@ -283,6 +293,6 @@ def batch_norm(*, momentum: float = 0.99, epsilon: float = 1e-5, axis_name: str 
         mean = _per_feature(mean, x.ndim).astype(x.dtype)
         var = _per_feature(var, x.ndim).astype(x.dtype)
         y = (x - mean) * jax.lax.rsqrt(var + epsilon)
-        return _scale_and_shift(y, params), new_state
+        return _scale_and_shift(y, params).astype(out), new_state
 
     return Layer(init, apply, "batch_norm", stateful=True)
