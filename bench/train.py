@@ -1,0 +1,537 @@
+"""Training speed: fnnet's engine against hand-written JAX, Flax Linen and Flax NNX.
+
+Every contender trains the same MNIST-1D model (``bench/handwritten.py``'s four:
+MLP, CNN, bidirectional GRU, small transformer) with ``optax.adam(1e-2)`` on the
+mean softmax cross-entropy, at batch 100 (the paper's) and 1024:
+
+- ``jnp``: the model hand-written in jax.numpy, a ``jax.jit`` step
+  (value_and_grad + optax update);
+- ``linen``: Flax Linen modules, ``flax.training.train_state.TrainState``;
+- ``nnx``: Flax NNX modules, ``nnx.jit`` + ``nnx.Optimizer`` (the tutorials' way);
+- ``nnx_split``: NNX split once into graphdef + state, a ``jax.jit`` step that
+  merges inside (NNX's documented fast pattern);
+- ``nnx_cached``: NNX with ``nnx.cached_partial`` (the other documented cure;
+  not in the default list, add it with ``--contenders``);
+- ``fnnet``: ``jax.jit(make_train_step(...))`` from ``fnnet.train``, one step per call;
+- ``fused``: ``make_fused_steps`` with K = steps per epoch (40 at batch 100, 3 at
+  1024), the chunk ``fnnet.train.fit`` dispatches, batches drawn on the device;
+- ``fused8``: 8 seeds of ``fused`` as one ``jax.vmap``-ped program (MLP, batch 100).
+
+The input is the same for every contender: the training set is put on the
+device once and cut into the epoch's batches (in stored order, no shuffling, as
+the paper trains) before timing; a per-step contender is handed batch
+``i % steps_per_epoch`` at step ``i``, which costs the host nothing; the fused
+contenders draw the same batches inside their program. No contender donates
+buffers, and none fetches the loss during the timed loop.
+
+Timing, per (model, batch, contender), each in a fresh process: the first call
+(trace + compile + one step or one fused chunk), a warm-up, then ``--steps``
+timed steps ending with ``jax.block_until_ready``. Speed is steps per second;
+compile time is the first call minus one steady call. Contenders are
+interleaved and rotated within each repeat, and the tables report medians over
+repeats; each ratio is the median over repeats of that repeat's ratio.
+
+Run: ``python -m bench.train`` (full: 10 to 15 minutes on two CPU cores), or
+``python -m bench.train --models mlp --repeats 1 --steps 20`` to try it.
+One measurement: ``python -m bench.train --one mlp 100 fnnet --steps 200 --json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODELS = ("mlp", "cnn", "gru", "transformer")
+BATCHES = (100, 1024)
+CONTENDERS = ("jnp", "linen", "nnx", "nnx_split", "nnx_cached", "fnnet", "fused", "fused8")
+DEFAULT_CONTENDERS = ("jnp", "linen", "nnx", "nnx_split", "fnnet", "fused", "fused8")
+FLAX = ("linen", "nnx", "nnx_split", "nnx_cached")
+PER_STEP_BASELINES = ("jnp", *FLAX)
+SEEDS = 8
+LEARNING_RATE = 1e-2
+
+# Timed steps per measurement: from a few tenths of a second (the MLP) to a few
+# seconds (the transformer at batch 1024) on two CPU cores. Start-up, model
+# initialization and compilation (5 to 12 s a process) dominate, so the default
+# run (3 repeats of 49 processes) takes 10 to 15 minutes on two CPU cores.
+# Rounded up to a whole number of fused chunks.
+DEFAULT_STEPS = {
+    ("mlp", 100): 800,
+    ("mlp", 1024): 300,
+    ("cnn", 100): 400,
+    ("cnn", 1024): 60,
+    ("gru", 100): 200,
+    ("gru", 1024): 30,
+    ("transformer", 100): 40,
+    ("transformer", 1024): 6,
+}
+
+LABELS = {
+    "jnp": "jax.numpy",
+    "linen": "Linen",
+    "nnx": "NNX",
+    "nnx_split": "NNX split",
+    "nnx_cached": "NNX cached",
+    "fnnet": "fnnet",
+    "fused": "fnnet fused",
+    "fused8": "fnnet fused, 8 seeds",
+}
+
+
+def applies(model: str, batch: int, contender: str) -> bool:
+    """Whether the grid measures this cell: 8 seeds only for the MLP at batch 100."""
+    return contender != "fused8" or (model == "mlp" and batch == 100)
+
+
+# --- Data ---------------------------------------------------------------------------
+
+
+def mnist1d() -> tuple[np.ndarray, np.ndarray]:
+    """The MNIST-1D training set: x ``(4000, 40)`` float32, y ``(4000,)`` int32."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    d = make_dataset(get_dataset_args())
+    return np.asarray(d["x"], np.float32), np.asarray(d["y"], np.int32)
+
+
+def load_data(path: str | None) -> tuple[np.ndarray, np.ndarray]:
+    if path is None:
+        return mnist1d()
+    with np.load(path) as f:  # an .npz written by main(); allow_pickle stays False
+        return f["x"], f["y"]
+
+
+def model_input(model: str, x: np.ndarray) -> np.ndarray:
+    """Every contender of a model sees the same layout: the CNN a channel axis."""
+    return x[..., None] if model == "cnn" else x  # (n, 40, 1) or (n, 40)
+
+
+# --- One measurement, in this process ----------------------------------------------
+
+
+def _fnnet_model(model: str):
+    from bench import handwritten
+
+    for name, (layer, _, _) in handwritten.CASES.items():
+        if name.startswith(model):
+            return layer
+    raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
+
+
+def _per_step(model, contender, x_all, batches, seed):
+    """A ``Contender`` (state, step, ready) for the per-step contenders."""
+    import jax
+    import optax
+
+    from bench import _train_baselines as base
+
+    tx = optax.adam(LEARNING_RATE)
+    if contender == "jnp":
+        params = _fnnet_model(model).init(jax.random.key(seed), x_all[0])
+        return base.handwritten_contender(model, params, tx)
+    if contender == "linen":
+        return base.linen_contender(model, batches[0][0], tx, seed)
+    if contender == "nnx":
+        return base.nnx_contender(model, tx, seed)
+    if contender == "nnx_cached":
+        return base.nnx_cached_contender(model, tx, seed)
+    if contender == "nnx_split":
+        return base.nnx_split_contender(model, tx, seed)
+    if contender == "fnnet":
+        from fnnet.train._losses import softmax_cross_entropy
+        from fnnet.train._state import init_state
+        from fnnet.train._step import make_train_step
+
+        layer = _fnnet_model(model)
+        state = init_state(layer, tx, x_all[0], seed=seed)
+        step = jax.jit(make_train_step(layer, tx, softmax_cross_entropy))
+
+        def fnnet_step(state, batch):
+            state, metrics = step(state, batch)
+            return state, metrics["loss"]
+
+        return base.Contender(state, fnnet_step, lambda s: s, base.count_params(state.params))
+    raise ValueError(f"unknown contender {contender!r}; choose from {CONTENDERS}")
+
+
+def _fused(model, contender, dataset, batch, chunk, seed):
+    """``(state, run)`` for the fused contenders; ``run(state) -> (state, losses)``."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from fnnet.train._losses import softmax_cross_entropy
+    from fnnet.train._state import init_replicas, init_state
+    from fnnet.train._step import make_fused_steps, make_train_step
+
+    tx = optax.adam(LEARNING_RATE)
+    layer = _fnnet_model(model)
+    step = make_train_step(layer, tx, softmax_cross_entropy)
+    run = make_fused_steps(step, dataset, batch_size=batch, num_steps=chunk, shuffle=False)
+    example = dataset[0][0]
+    if contender == "fused":
+        state = init_state(layer, tx, example, seed=seed)
+    else:
+        state = init_replicas(layer, tx, example, jnp.arange(seed, seed + SEEDS))
+        run = jax.jit(jax.vmap(run))
+
+    def run_losses(state):
+        state, metrics = run(state)
+        return state, metrics["loss"]
+
+    return state, run_losses
+
+
+def measure(
+    model: str,
+    batch: int,
+    contender: str,
+    steps: int,
+    data: tuple[np.ndarray, np.ndarray],
+    *,
+    seed: int = 0,
+    warmup: int | None = None,
+) -> dict:
+    """Trains one contender and times it, in this process.
+
+    Args:
+      model, batch, contender: the cell of the grid.
+      steps: timed steps (rounded up to whole fused chunks).
+      data: x ``(n, 40)`` float32, y ``(n,)`` int32, with ``n >= batch``.
+      warmup: steps run between the first call and the timed loop, rounded up
+        to whole fused chunks; default ``min(10, steps // 4)``.
+
+    Returns:
+      A JSON-able dict: ``steps``, ``steps_per_s``, ``compile_s`` (first call
+      minus one steady call), ``first_call_s``, ``setup_s`` (initialization,
+      before the first call), ``final_loss`` (the mean loss of
+      the last step, over seeds for ``fused8``), ``params``, and the cell.
+    """
+    import jax
+
+    from bench import _train_baselines as base
+
+    setup = time.perf_counter()
+    x, y = data
+    x = model_input(model, x)
+    per_epoch = len(x) // batch
+    if per_epoch < 1:
+        raise ValueError(f"batch {batch} is larger than the dataset ({len(x)} examples)")
+    dataset = jax.device_put((x, y))
+    fused = contender in ("fused", "fused8")
+    chunk = per_epoch if fused else 1
+    steps = -(-steps // chunk) * chunk
+    warmup = min(10, steps // 4) if warmup is None else warmup
+    warmup = max(1, -(-warmup // chunk)) * chunk
+
+    if fused:
+        state, run = _fused(model, contender, dataset, batch, chunk, seed)
+
+        def advance(state, calls, i):
+            for _ in range(calls):
+                state, losses = run(state)
+            return state, losses[..., -1], i
+
+        def ready(state):
+            return state
+
+        params = base.count_params(state.params) // (SEEDS if contender == "fused8" else 1)
+    else:
+        # The epoch's batches, put on the device before any timing (cut on the host:
+        # slicing on the device would compile one program per offset).
+        batches = [
+            jax.device_put((x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]))
+            for i in range(per_epoch)
+        ]
+        state, step, ready, params = _per_step(model, contender, x, batches, seed)
+
+        def advance(state, calls, i):
+            for _ in range(calls):
+                state, loss = step(state, batches[i % per_epoch])
+                i += 1
+            return state, loss, i
+
+    jax.block_until_ready((dataset, ready(state)))
+    setup = time.perf_counter() - setup
+
+    start = time.perf_counter()
+    state, loss, i = advance(state, 1, 0)
+    jax.block_until_ready((ready(state), loss))
+    first = time.perf_counter() - start
+
+    state, loss, i = advance(state, warmup // chunk, i)
+    jax.block_until_ready((ready(state), loss))
+
+    start = time.perf_counter()
+    state, loss, i = advance(state, steps // chunk, i)
+    jax.block_until_ready((ready(state), loss))
+    wall = time.perf_counter() - start
+
+    return {
+        "model": model,
+        "batch": batch,
+        "contender": contender,
+        "steps": steps,
+        "steps_per_call": chunk,
+        "steps_per_s": steps / wall,
+        "compile_s": first - wall * chunk / steps,
+        "first_call_s": first,
+        "setup_s": setup,
+        "final_loss": float(np.mean(np.asarray(loss))),
+        "params": params,
+        "backend": jax.default_backend(),
+    }
+
+
+# --- The grid, each cell in a fresh process ----------------------------------------
+
+
+def run_one_subprocess(model, batch, contender, steps, data_path, timeout=600) -> dict:
+    """Runs ``python -m bench.train --one ...`` and returns its JSON line (or an error)."""
+    cmd = [sys.executable, "-m", "bench.train", "--one", model, str(batch), contender]
+    cmd += ["--steps", str(steps), "--json", "--data", data_path]
+    root = Path(__file__).resolve().parent.parent
+    cell = {"model": model, "batch": batch, "contender": contender}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            cmd, cwd=root, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {**cell, "error": f"timed out after {timeout} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = done.stderr.strip().splitlines()[-3:]
+        return {**cell, "error": " | ".join(tail) or f"exit status {done.returncode}"}
+    # The whole process: start-up, imports, initialization, compile and timing.
+    return {**json.loads(lines[-1]), "process_s": time.perf_counter() - start}
+
+
+def run_grid(models, batches, contenders, repeats, steps, data_path, log=print) -> list[dict]:
+    """Every applicable (model, batch, contender), ``repeats`` times, each in a fresh
+    process; within a repeat the contenders of a cell run back to back, in an
+    order rotated by one each repeat so no contender always goes first."""
+    records = []
+    for r in range(repeats):
+        for model in models:
+            for batch in batches:
+                cell = [c for c in contenders if applies(model, batch, c)]
+                shift = r % len(cell)
+                for contender in cell[shift:] + cell[:shift]:
+                    n = steps or DEFAULT_STEPS.get((model, batch), 50)
+                    rec = run_one_subprocess(model, batch, contender, n, data_path)
+                    rec["repeat"] = r
+                    records.append(rec)
+                    log(json.dumps(rec))
+    return records
+
+
+# --- Summary ------------------------------------------------------------------------
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per (model, batch): median steps/s and compile time per contender, and ratios.
+
+    Ratios are of speeds (steps per second; above 1 means the numerator is
+    faster), each the median over repeats of the repeat's own ratio:
+    ``fnnet_vs_jnp``, ``fnnet_vs_flax`` (the repeat's fastest Flax contender),
+    ``fused_vs_baseline`` (fused against the repeat's fastest per-step baseline,
+    hand-written or Flax), ``fused_vs_fnnet``, and ``seeds_time`` (wall time of
+    8 vmapped seeds over the wall time of one seed, the same steps: the MLP).
+    """
+    cells: dict[tuple, dict] = {}
+    for rec in records:
+        if "error" in rec:
+            continue
+        cell = cells.setdefault((rec["model"], rec["batch"]), {})
+        cell.setdefault(rec["repeat"], {})[rec["contender"]] = rec
+
+    def ratio(runs, num, den):
+        out = []
+        for by in runs.values():
+            a = by.get(num)
+            speeds = [by[c]["steps_per_s"] for c in den if c in by]
+            if a is not None and speeds:
+                out.append(a["steps_per_s"] / max(speeds))
+        return _median(out)
+
+    rows = []
+    for (model, batch), runs in cells.items():
+        present = {c for by in runs.values() for c in by}
+        row = {"model": model, "batch": batch, "speed": {}, "compile": {}}
+        for c in (c for c in CONTENDERS if c in present):
+            row["speed"][c] = _median([by[c]["steps_per_s"] for by in runs.values() if c in by])
+            row["compile"][c] = _median([by[c]["compile_s"] for by in runs.values() if c in by])
+        row["params"] = next(by[c]["params"] for by in runs.values() for c in by)
+        row["fnnet_vs_jnp"] = ratio(runs, "fnnet", ["jnp"])
+        row["fnnet_vs_flax"] = ratio(runs, "fnnet", FLAX)
+        row["fused_vs_baseline"] = ratio(runs, "fused", PER_STEP_BASELINES)
+        row["fused_vs_fnnet"] = ratio(runs, "fused", ["fnnet"])
+        seeds = ratio(runs, "fused", ["fused8"])  # 1-seed speed / 8-seed speed = time8 / time1
+        row["seeds_time"] = seeds
+        rows.append(row)
+    return rows
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def _speed(value):
+    """Steps per second to three significant figures (a transformer at batch 1024
+    on a CPU takes a few steps a second, an MLP thousands)."""
+    if value is None:
+        return "-"
+    return format(value, ".0f" if value >= 100 else ".1f" if value >= 10 else ".2f")
+
+
+def markdown(rows: list[dict], contenders) -> str:
+    """Two markdown tables (speed and ratios; compile times) and the 8-seed line."""
+    shown = [c for c in CONTENDERS if c in contenders and c != "fused8"]
+    head = " | ".join(LABELS[c] for c in shown)
+    out = [
+        "Training steps per second (median; higher is faster) and speed ratios:",
+        "",
+        f"| model | params | batch | {head} | fnnet / jax.numpy | fnnet / best Flax "
+        "| fused / best per-step baseline |",
+        "|---|---:|---:|" + "---:|" * (len(shown) + 3),
+    ]
+    for r in rows:
+        speeds = " | ".join(_speed(r["speed"].get(c)) for c in shown)
+        out.append(
+            f"| {r['model']} | {r['params']:,} | {r['batch']} | {speeds} "
+            f"| {_fmt(r['fnnet_vs_jnp'], '.2f')} | {_fmt(r['fnnet_vs_flax'], '.2f')} "
+            f"| {_fmt(r['fused_vs_baseline'], '.2f')} |"
+        )
+    out += [
+        "",
+        "Compile time in seconds (first call minus one steady call; median):",
+        "",
+        f"| model | batch | {head} |",
+        "|---|---:|" + "---:|" * len(shown),
+    ]
+    for r in rows:
+        times = " | ".join(_fmt(r["compile"].get(c), ".2f") for c in shown)
+        out.append(f"| {r['model']} | {r['batch']} | {times} |")
+    for r in rows:
+        if r["seeds_time"] is not None:
+            out += [
+                "",
+                f"{SEEDS} seeds vmapped in one fused program ({r['model']}, batch {r['batch']}): "
+                f"{_speed(r['speed']['fused8'])} steps/s, each step training all {SEEDS}; "
+                f"wall time {r['seeds_time']:.2f}x one seed's for the same steps "
+                f"({SEEDS / r['seeds_time']:.1f}x the throughput of separate runs).",
+            ]
+    return "\n".join(out)
+
+
+def _environment() -> str:
+    import flax
+    import jax
+    import optax
+
+    device = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}; "
+        f"{device.platform} ({device.device_kind}); {cpu}, {os.cpu_count()} cores; "
+        f"Python {platform.python_version()}"
+    )
+
+
+# --- Command line -------------------------------------------------------------------
+
+
+def _choice_list(allowed):
+    def parse(text):
+        items = [t for t in text.split(",") if t]
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad} not in {list(allowed)}")
+        return items
+
+    return parse
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--one",
+        nargs=3,
+        metavar=("MODEL", "BATCH", "CONTENDER"),
+        help="measure one cell in this process",
+    )
+    parser.add_argument("--json", action="store_true", help="with --one: print one JSON line")
+    parser.add_argument("--data", help="an .npz with x and y (default: generate MNIST-1D)")
+    parser.add_argument("--models", type=_choice_list(MODELS), default=list(MODELS))
+    parser.add_argument(
+        "--batches", type=lambda s: [int(b) for b in s.split(",")], default=list(BATCHES)
+    )
+    parser.add_argument(
+        "--contenders", type=_choice_list(CONTENDERS), default=list(DEFAULT_CONTENDERS)
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per cell, rounded up to whole fused chunks (default: per cell)",
+    )
+    parser.add_argument("--out", help="also write every record and the summary to this JSON file")
+    args = parser.parse_args(argv)
+
+    if args.one:
+        model, batch, contender = args.one
+        steps = args.steps or DEFAULT_STEPS.get((model, int(batch)), 50)
+        rec = measure(model, int(batch), contender, steps, load_data(args.data))
+        print(json.dumps(rec) if args.json else rec, flush=True)
+        return
+
+    command = "python -m bench.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"# {command.strip()}", flush=True)
+    print(f"# {_environment()}", flush=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = str(Path(tmp) / "mnist1d.npz")
+        x, y = mnist1d()
+        np.savez(data_path, x=x, y=y)
+        records = run_grid(
+            args.models,
+            args.batches,
+            args.contenders,
+            args.repeats,
+            args.steps,
+            data_path,
+            log=lambda line: print(line, flush=True),
+        )
+    rows = summarize(records)
+    errors = [r for r in records if "error" in r]
+    print()
+    print(f"Command: `{command.strip()}`  ")
+    print(f"Machine: {_environment()}  ")
+    print(f"Total time: {time.perf_counter() - start:.0f} s for {len(records)} processes")
+    print()
+    print(markdown(rows, args.contenders))
+    for e in errors:
+        print(f"\nFAILED {e['model']} {e['batch']} {e['contender']}: {e['error']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"records": records, "summary": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

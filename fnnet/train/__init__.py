@@ -1,0 +1,52 @@
+"""Training: the learning loop of the explainer, pure and fast, and never losing work.
+
+One step is forward pass, error, backpropagation and update (:func:`make_train_step`);
+:func:`make_fused_steps` runs many of them in one compiled program with the data on
+the device; :func:`init_replicas` trains independent seeds side by side with
+``jax.vmap``; :func:`fit` repeats the steps with logging, evaluation, early
+stopping and checkpoints (:class:`CheckpointManager`) that resume exactly.
+"""
+
+from fnnet.train._state import TrainState, init_replicas, init_state, set_hyperparams
+from fnnet.train._data import batch_indices, steps_per_epoch, take_batch
+from fnnet.train._conv_layout import canonicalize_convolutions
+from fnnet.train._step import (
+    NonFiniteError,
+    check_finite,
+    decay_mask,
+    make_fused_steps,
+    make_train_step,
+    run_steps_python,
+)
+from fnnet.train._losses import (
+    LabelError,
+    binary_cross_entropy,
+    mean_squared_error,
+    softmax_cross_entropy,
+)
+from fnnet.train._metrics import accuracy, top_k_accuracy
+from fnnet.train._precision import Policy, apply_with_policy, policy_for_backend
+from fnnet.train._evaluate import EvaluationError, evaluate
+from fnnet.train._checkpoint import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointManager,
+    CheckpointMismatchError,
+    CheckpointWarning,
+    CorruptCheckpointError,
+    NonFiniteCheckpointError,
+    load_metadata,
+)
+from fnnet.train._loop import FitResult, fit, load_model
+
+__all__ = [
+    "CheckpointError", "CheckpointExistsError", "CheckpointManager", "CheckpointMismatchError",
+    "CheckpointWarning", "CorruptCheckpointError", "EvaluationError", "FitResult", "LabelError",
+    "NonFiniteCheckpointError", "NonFiniteError", "Policy", "TrainState",
+    "accuracy", "apply_with_policy", "batch_indices", "binary_cross_entropy",
+    "canonicalize_convolutions", "check_finite",
+    "decay_mask", "evaluate", "fit", "init_replicas", "init_state", "load_metadata", "load_model",
+    "make_fused_steps", "make_train_step", "mean_squared_error", "policy_for_backend",
+    "run_steps_python", "set_hyperparams", "softmax_cross_entropy", "steps_per_epoch",
+    "take_batch", "top_k_accuracy",
+]  # fmt: skip

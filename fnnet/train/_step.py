@@ -1,0 +1,392 @@
+"""One training step as a pure function, and many steps fused into one program.
+
+``make_train_step`` builds ``step(state, batch) -> (state, metrics)``: the model
+runs on the batch with ``jax.vmap`` (axis name ``"batch"``, so BatchNorm works),
+the per-example loss is averaged, gradients come from ``jax.value_and_grad`` and
+the optax update is applied, unless the loss or a gradient is not finite, in
+which case the step is skipped and recorded in the state (no host sync).
+
+``make_fused_steps`` runs ``num_steps`` of those in one compiled program with
+``jax.lax.scan``, drawing each batch on the device; ``run_steps_python`` is the
+same computation one jitted step at a time, for debugging, and gives bitwise the
+same state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fnnet._src.layer import Layer
+from fnnet.train._conv_layout import canonicalize_convolutions
+from fnnet.train._data import (
+    batch_indices,
+    epoch_orders,
+    indices_from_orders,
+    num_examples_of,
+    steps_per_epoch,
+    take_batch,
+)
+from fnnet.train._state import TrainState
+
+# Per-example functions: (one example's model output, its label) -> scalar.
+ExampleFn = Callable[[Any, Any], jax.Array]
+StepFn = Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
+
+# Codes stored in TrainState.nonfinite_what.
+FINITE = 0
+NONFINITE_LOSS = 1
+NONFINITE_GRADS = 2
+_WHAT = {NONFINITE_LOSS: "loss", NONFINITE_GRADS: "gradient"}
+
+# Parameter names that weight decay always / never shrinks (see decay_mask).
+_DECAY_NAMES = frozenset({"w", "table", "kernel"})
+_NO_DECAY_NAMES = frozenset({"b", "bias", "scale"})
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met a non-finite loss or gradient.
+
+    Attributes:
+      step: the first step whose loss or gradients were not finite.
+      what: ``"loss"`` or ``"gradient"``.
+      replica: the first replica that failed, or None for an unreplicated state.
+    """
+
+    def __init__(self, step: int, what: str, replica: int | None = None):
+        self.step = step
+        self.what = what
+        self.replica = replica
+        where = "" if replica is None else f" in replica {replica}"
+        super().__init__(
+            f"training stopped: the {what} was not finite at step {step}{where}. The "
+            "update of that step was not applied, so the state holds the last finite "
+            "parameters; try a lower learning rate, gradient clipping, or float32."
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.step, self.what, self.replica))
+
+
+def check_finite(state: TrainState) -> None:
+    """Raises :class:`NonFiniteError` if any step so far had a non-finite loss or gradient.
+
+    A host function: it reads two int32 scalars (or ``(replicas,)`` vectors) from
+    the device, so the training loop calls it every few steps or once per fused
+    run, never inside a step.
+    """
+    steps = np.asarray(state.nonfinite_step)
+    if not np.any(steps >= 0):
+        return
+    whats = np.asarray(state.nonfinite_what)
+    if steps.ndim == 0:
+        raise NonFiniteError(int(steps), _WHAT[int(whats)])
+    replica = int(np.flatnonzero(steps.reshape(-1) >= 0)[0])
+    raise NonFiniteError(
+        int(steps.reshape(-1)[replica]), _WHAT[int(whats.reshape(-1)[replica])], replica
+    )
+
+
+def decay_mask(params: Any) -> Any:
+    """Which parameters weight decay should shrink: weights yes, biases and norm scales no.
+
+    For ``optax.adamw(..., mask=decay_mask)`` (or ``optax.add_decayed_weights``).
+    A leaf named ``"w"``, ``"table"`` or ``"kernel"`` is decayed; ``"b"``, ``"bias"``
+    and ``"scale"`` are not, whatever their rank (a ``repeat`` stack gives biases a
+    leading layer axis); any other name is decayed when it has two or more axes.
+
+    Args:
+      params: a parameter tree (nested dicts of arrays).
+
+    Returns:
+      A tree of the same structure with a bool per leaf.
+    """
+
+    def rule(path, leaf):
+        last = path[-1] if path else None
+        name = str(getattr(last, "key", getattr(last, "name", "")))
+        if name in _NO_DECAY_NAMES:
+            return False
+        if name in _DECAY_NAMES:
+            return True
+        return jnp.ndim(leaf) >= 2
+
+    return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """A bool scalar: every element of every floating leaf of ``tree`` is finite."""
+    ok = jnp.array(True)
+    for leaf in jax.tree.leaves(tree):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            ok = ok & jnp.all(jnp.isfinite(leaf))
+    return ok
+
+
+def _keep_dtypes(new: Any, old: Any) -> Any:
+    """``new`` cast leaf by leaf to ``old``'s dtypes, so a scan carry keeps its type
+    (a low-precision policy could otherwise turn BatchNorm statistics to bfloat16)."""
+    return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
+
+
+def _optax_promotion():
+    """NumPy's promotion rules for the optimizer's own arithmetic.
+
+    optax mixes dtypes freely (``decay ** count`` with an int32 count in Adam's
+    bias correction), which fails under ``jax_numpy_dtype_promotion="strict"``.
+    A user (or a test suite) who turns strict promotion on for their model should
+    still be able to use Adam, so the optimizer runs under the standard rules;
+    the model and the loss keep whatever rules are set.
+    """
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.numpy_dtype_promotion("standard"))
+    stack.enter_context(jax.numpy_rank_promotion("allow"))
+    return stack
+
+
+def make_train_step(
+    model: Layer,
+    optimizer: optax.GradientTransformation,
+    loss_fn: ExampleFn,
+    *,
+    policy: Any = None,
+    metric_fns: Mapping[str, ExampleFn] | None = None,
+    batch_axis: str = "batch",
+) -> StepFn:
+    """Builds the pure function ``step(state, batch) -> (state, metrics)``.
+
+    Args:
+      model: the model (stateful or not); it sees one example and is batched here
+        with ``jax.vmap(..., axis_name=batch_axis)``, in training mode.
+      optimizer: any optax gradient transformation (schedules, chains, masks,
+        ``optax.MultiSteps``); its ``update`` receives the params, so weight-decay
+        masks work.
+      loss_fn: ``loss_fn(output, label) -> scalar`` for ONE example; the step's
+        loss is its mean over the batch.
+      policy: None, or a mixed-precision policy with ``cast_params``,
+        ``cast_input`` and ``cast_output``. The casts happen inside the
+        differentiated function, so gradients (and the optimizer) stay in the
+        params' own dtype (float32).
+      metric_fns: ``{name: fn(output, label) -> scalar}``, each averaged over the
+        batch and reported next to ``"loss"``; computed from the same forward pass.
+      batch_axis: the name of the vmapped batch axis (BatchNorm's ``axis_name``).
+
+    Returns:
+      ``step(state, batch)``, where ``batch = (x, y)`` has a leading batch axis on
+      every leaf. It returns the new :class:`TrainState` and
+      ``{"loss": scalar, **{name: scalar}}``. The step counter always advances;
+      if the loss or any gradient is not finite, params, optimizer state and
+      model state are kept and the first such step is recorded in
+      ``nonfinite_step`` / ``nonfinite_what`` (see ``check_finite``).
+    """
+    metric_fns = dict(metric_fns or {})
+    if "loss" in metric_fns:
+        raise ValueError('metric_fns must not use the name "loss"; the step reports it itself')
+
+    def loss_and_output(params, model_state, x, y, keys):
+        if policy is not None:
+            params = policy.cast_params(params)
+            x = policy.cast_input(x)
+
+        def forward(x, key):
+            return model.apply_with_state(params, model_state, x, key=key, train=True)
+
+        # The model's new state (BatchNorm statistics, reached by pmean over the
+        # batch axis) is the same for every example: out_axes None says so.
+        output, new_model_state = jax.vmap(forward, axis_name=batch_axis, out_axes=(0, None))(
+            x, keys
+        )
+        if policy is not None:
+            output = policy.cast_output(output)
+        loss = jnp.mean(jax.vmap(loss_fn)(output, y))
+        return loss, (output, new_model_state)
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        x, y = batch
+        batch_size = jax.tree.leaves(x)[0].shape[0]
+        keys = jax.random.split(jax.random.fold_in(state.key, state.step), batch_size)
+        (loss, (output, new_model_state)), grads = jax.value_and_grad(
+            loss_and_output, has_aux=True
+        )(state.params, state.model_state, x, y, keys)
+        with _optax_promotion():
+            updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+            new_params = optax.apply_updates(state.params, updates)
+        new_model_state = _keep_dtypes(new_model_state, state.model_state)
+
+        # A non-finite loss or gradient would poison the params for good; skip the
+        # update with a select (no branch, no host sync) and remember where it began.
+        finite_loss = jnp.isfinite(loss)
+        finite = finite_loss & _all_finite(grads)
+
+        def keep_if_bad(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        first_bad = (state.nonfinite_step < 0) & ~finite
+        what = jnp.where(finite_loss, jnp.int32(NONFINITE_GRADS), jnp.int32(NONFINITE_LOSS))
+        new_state = TrainState(
+            params=keep_if_bad(new_params, state.params),
+            opt_state=keep_if_bad(new_opt_state, state.opt_state),
+            model_state=keep_if_bad(new_model_state, state.model_state),
+            step=state.step + 1,
+            key=state.key,
+            data_key=state.data_key,
+            nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
+            nonfinite_what=jnp.where(first_bad, what, state.nonfinite_what),
+        )
+        metrics = {"loss": loss}
+        for name, fn in metric_fns.items():
+            metrics[name] = jnp.mean(jax.vmap(fn)(output, y))
+        return new_state, metrics
+
+    return step
+
+
+# --- Many steps in one program ---------------------------------------------------
+
+
+def _for_loops(step_fn: StepFn, canonical_convs: bool | None) -> StepFn:
+    """``step_fn`` ready to run inside a loop.
+
+    With ``canonical_convs`` (None: when JAX's default backend is the CPU) the
+    step's convolutions are put in XLA:CPU's fast layout (see ``_conv_layout``).
+    The fused and the step-by-step paths both go through here, so they compile
+    the same arithmetic and agree bit for bit.
+    """
+    if canonical_convs is None:
+        canonical_convs = jax.default_backend() == "cpu"
+    return canonicalize_convolutions(step_fn) if canonical_convs else step_fn
+
+
+def make_fused_steps(
+    step_fn: StepFn,
+    dataset: Any,
+    *,
+    batch_size: int,
+    num_steps: int,
+    shuffle: bool = True,
+    replicated: bool = False,
+    canonical_convs: bool | None = None,
+) -> Callable[[TrainState], tuple[TrainState, dict[str, jax.Array]]]:
+    """``num_steps`` training steps compiled as one program (a ``jax.lax.scan``).
+
+    Each step draws its batch inside the program from the device-resident
+    ``dataset`` with ``batch_indices(state.data_key, state.step, ...)``, so the
+    host is not involved between steps. The dataset is moved to the device once,
+    here, and passed to the compiled program as an argument. Each epoch's
+    shuffled order is computed once per run, not once per step (see
+    ``fnnet.train._data``).
+
+    ``run`` is compiled already; do not wrap it in ``jax.jit``: the outer jit
+    would bake the dataset into the program as a constant. To train replicas
+    (seeds from ``init_replicas``, learning rates from ``set_hyperparams``) as
+    one program, pass ``replicated=True`` and give ``run`` the stacked states;
+    ``jax.vmap(run)`` computes the same but re-traces on every call.
+
+    Args:
+      step_fn: ``step(state, batch)`` from :func:`make_train_step` (or any function
+        of that signature).
+      dataset: ``(x, y)`` pytree of arrays ``(num_examples, ...)``.
+      batch_size: examples per step; the ragged end of each epoch is dropped.
+      num_steps: steps per call of ``run`` (static: one program per length).
+      shuffle: reshuffle every epoch (False: stored order, as in the MNIST-1D paper).
+      replicated: ``run`` takes states with a leading replica axis and trains
+        every replica on the shared dataset (``jax.vmap`` inside the program).
+      canonical_convs: rewrite convolutions into the layout XLA:CPU runs fast
+        (None: only when the default backend is the CPU). Without it, the
+        gradient convolutions inside the scan's loop run as naive loop nests,
+        several times slower than the same step jitted alone (``_conv_layout``).
+
+    Returns:
+      ``run(state) -> (state, metrics)``, metrics stacked ``{name: (num_steps,)}``
+      (``{name: (replicas, num_steps)}`` when replicated).
+    """
+    if num_steps <= 0:
+        raise ValueError(f"num_steps must be positive, got {num_steps}")
+    num_examples = num_examples_of(dataset)
+    steps_per_epoch(num_examples, batch_size)  # validates batch_size early
+    dataset = jax.device_put(dataset)  # once, so no call copies it from the host
+    step = _for_loops(step_fn, canonical_convs)
+    sizes = {"num_examples": num_examples, "batch_size": batch_size}
+
+    def fused(state, dataset):
+        if shuffle:
+            # Each epoch's permutation (a sort) once per run, not once per step:
+            # for MNIST-1D it costs more than the CNN's whole step.
+            first = state.step
+            orders = epoch_orders(state.data_key, first, num_steps=num_steps, **sizes)
+
+            def indices(s):
+                return indices_from_orders(orders, first, s.step, **sizes)
+        else:
+
+            def indices(s):
+                return batch_indices(s.data_key, s.step, shuffle=False, **sizes)
+
+        def body(s, _):
+            return step(s, take_batch(dataset, indices(s)))
+
+        return jax.lax.scan(body, state, length=num_steps)
+
+    # The dataset is shared by every replica: vmapped over the state alone.
+    compiled = jax.jit(jax.vmap(fused, in_axes=(0, None)) if replicated else fused)
+
+    def run(state: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
+        return compiled(state, dataset)
+
+    return run
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_data_step(
+    step_fn: StepFn, num_examples: int, batch_size: int, shuffle: bool, canonical_convs: bool | None
+):
+    # Cached so repeated debug runs of the same step reuse one compiled program.
+    step = _for_loops(step_fn, canonical_convs)
+
+    @jax.jit
+    def one(state, dataset):
+        indices = batch_indices(
+            state.data_key,
+            state.step,
+            num_examples=num_examples,
+            batch_size=batch_size,
+            shuffle=shuffle,
+        )
+        return step(state, take_batch(dataset, indices))
+
+    return one
+
+
+def run_steps_python(
+    step_fn: StepFn,
+    dataset: Any,
+    state: TrainState,
+    *,
+    batch_size: int,
+    num_steps: int,
+    shuffle: bool = True,
+    canonical_convs: bool | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The debugging twin of :func:`make_fused_steps`: a Python loop of jitted steps.
+
+    Same batches, same arithmetic, bitwise the same final state on the CPU, but
+    the host regains control after every step (print, breakpoint, inspect).
+
+    Returns:
+      ``(state, metrics)`` with metrics stacked ``{name: (num_steps,)}``.
+    """
+    num_examples = num_examples_of(dataset)
+    steps_per_epoch(num_examples, batch_size)
+    one = _jitted_data_step(step_fn, num_examples, batch_size, shuffle, canonical_convs)
+    history = []
+    for _ in range(num_steps):
+        state, metrics = one(state, dataset)
+        history.append(metrics)
+    return state, jax.tree.map(lambda *ms: jnp.stack(ms), *history)

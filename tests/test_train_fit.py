@@ -1,0 +1,131 @@
+"""fit: learning, logging, early stopping, non-finite stops, exact resume, crashes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fnnet
+from fnnet import train
+
+WORKER = os.path.join(os.path.dirname(__file__), "_fit_worker.py")
+
+
+def _blobs(n=128, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n).astype(np.int32)
+    centers = np.array([[2.0, 0.0], [-2.0, 1.0], [0.0, -2.0]], np.float32)
+    x = (centers[y] + 0.5 * rng.standard_normal((n, 2))).astype(np.float32)
+    return x, y
+
+
+def test_fit_learns_logs_and_evaluates(tmp_path):
+    model = fnnet.models.mlp(3, (16,))
+    log = tmp_path / "metrics.jsonl"
+    result = train.fit(
+        model, optax.adam(1e-2), train.softmax_cross_entropy, _blobs(), steps=64, batch_size=16,
+        metric_fns={"accuracy": train.accuracy}, eval_data=_blobs(64, seed=1), eval_every=32,
+        log_path=log, progress=False,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rows == result.history
+    assert [r["step"] for r in rows] == [8, 16, 24, 32, 40, 48, 56, 64]  # one epoch per chunk
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert rows[-1]["eval_accuracy"] > 0.9
+    assert "eval_loss" in rows[3] and "eval_loss" not in rows[2]
+    assert int(result.state.step) == 64
+
+
+def test_early_stopping_stops_when_the_metric_stalls():
+    x, _ = _blobs()
+    noise = (x, np.random.default_rng(5).integers(0, 3, len(x)).astype(np.int32))
+    result = train.fit(
+        fnnet.models.mlp(3, (32,)), optax.adam(3e-2), train.softmax_cross_entropy, noise,
+        steps=400, batch_size=16, metric_fns={"accuracy": train.accuracy},
+        eval_data=_blobs(64, seed=2), eval_every=8, early_stopping=("-loss", 2), progress=False,
+    )  # fmt: skip
+    assert result.stopped_early
+    assert int(result.state.step) < 400
+
+
+def test_non_finite_loss_stops_with_the_step_and_writes_no_checkpoint(tmp_path):
+    x, y = _blobs()
+    x = x.copy()
+    x[40] = np.nan  # in the third batch of the unshuffled first epoch
+    with pytest.raises(train.NonFiniteError, match="step 2") as err:
+        train.fit(
+            fnnet.models.mlp(3, (8,)), optax.sgd(1e-2), train.softmax_cross_entropy, (x, y),
+            steps=16, batch_size=16, shuffle=False, checkpoint_dir=tmp_path / "ckpt",
+            checkpoint_every=8, progress=False,
+        )  # fmt: skip
+    assert "loss" in str(err.value)
+    manager = train.CheckpointManager(tmp_path / "ckpt")
+    assert manager.steps() == []
+
+
+def _run_worker(tmp_path, name, steps, *flags):
+    out = tmp_path / f"{name}.npz"
+    cmd = [sys.executable, WORKER, str(tmp_path / name), str(steps), str(out), *flags]
+    return cmd, out
+
+
+def _leaves(path):
+    with np.load(path) as f:
+        return [f[k] for k in sorted(f.files, key=lambda k: (len(k), k)) if k.startswith("arr_")]
+
+
+def test_resume_in_a_new_process_is_bitwise_exact(tmp_path):
+    straight_cmd, straight = _run_worker(tmp_path, "straight", 24)
+    subprocess.run(straight_cmd, check=True, timeout=120)
+    first_cmd, _ = _run_worker(tmp_path, "resumed", 12)
+    subprocess.run(first_cmd, check=True, timeout=120)
+    second_cmd, resumed = _run_worker(tmp_path, "resumed", 24)
+    subprocess.run(second_cmd, check=True, timeout=120)
+    assert int(np.load(resumed)["resumed"]) == 12
+    for a, b in zip(_leaves(straight), _leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigkill_mid_training_loses_at_most_the_work_since_the_last_checkpoint(tmp_path):
+    straight_cmd, straight = _run_worker(tmp_path, "straight", 36)
+    subprocess.run(straight_cmd, check=True, timeout=120)
+    cmd, out = _run_worker(tmp_path, "killed", 36, "--slow")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manager = train.CheckpointManager(tmp_path / "killed")
+    deadline = time.time() + 90
+    while not manager.steps() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the worker finished before it was killed"
+    saved = manager.steps()
+    assert saved and saved[-1] < 36
+    resume_cmd, _ = _run_worker(tmp_path, "killed", 36)
+    subprocess.run(resume_cmd, check=True, timeout=120)
+    assert int(np.load(out)["resumed"]) == saved[-1]
+    for a, b in zip(_leaves(straight), _leaves(out), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_load_model_rebuilds_the_model_from_the_checkpoint_alone(tmp_path):
+    model = fnnet.models.mlp(3, (16,))
+    result = train.fit(
+        model, optax.adam(1e-2), train.softmax_cross_entropy, _blobs(), steps=16, batch_size=16,
+        checkpoint_dir=tmp_path / "ckpt", progress=False,
+    )  # fmt: skip
+    rebuilt, params, model_state, metadata = train.load_model(tmp_path / "ckpt")
+    assert rebuilt.config == model.config
+    x = jnp.asarray(_blobs(4)[0])
+    np.testing.assert_array_equal(
+        jax.vmap(lambda x: rebuilt.apply(params, x))(x),
+        jax.vmap(lambda x: model.apply(result.state.params, x))(x),
+    )
+    assert metadata["fit"]["batch_size"] == 16
