@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,22 +31,10 @@ from fnnet.train._checkpoint import (
     NonFiniteCheckpointError,
     load_metadata,
 )
+from fnnet.train._state import TrainState as State
 
 WORKER = pathlib.Path(__file__).with_name("_checkpoint_worker.py")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-
-
-class State(NamedTuple):
-    """Shaped like fnnet.train's TrainState, without depending on it."""
-
-    params: Any
-    opt_state: Any
-    model_state: Any
-    step: jax.Array
-    key: jax.Array
-    data_key: jax.Array
-    nonfinite_step: jax.Array
-    nonfinite_what: jax.Array
 
 
 def make_state(seed: int = 0, step: int = 3) -> State:
