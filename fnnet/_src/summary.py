@@ -81,9 +81,7 @@ def _count(tree: Any) -> int:
 
 
 def _shape_str(shape: Any) -> str:
-    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
-        return str(shape)
-    return str(jax.tree.map(lambda s: s, shape, is_leaf=lambda s: isinstance(s, tuple)))
+    return str(shape)  # a tuple, or for several outputs a pytree of tuples
 
 
 def _flops_str(flops: float | None) -> str:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from fnnet._src.layer import Layer
 from fnnet.models import build, config_of
-from fnnet.train._checkpoint import CheckpointManager, load_metadata
+from fnnet.train._checkpoint import CheckpointManager
 from fnnet.train._evaluate import evaluate
 from fnnet.train._state import TrainState, init_state
 from fnnet.train._step import check_finite, make_fused_steps, make_train_step
@@ -226,13 +226,11 @@ def load_model(checkpoint_dir: str | pathlib.Path, step: int | None = None):
     Returns:
       ``(model, params, model_state, metadata)``.
     """
-    metadata = load_metadata(checkpoint_dir, step)
+    tree, metadata = CheckpointManager(checkpoint_dir).restore(step)
     if metadata.get("model") is None:
         raise ValueError(
             f"checkpoint in {checkpoint_dir} has no model configuration (the model was "
             "not one fnnet ships, or was built with arguments JSON cannot hold)"
         )
     model = build(metadata["model"])
-    manager = CheckpointManager(checkpoint_dir)
-    tree, metadata = manager.restore(step)
     return model, tree.params, tree.model_state, metadata
