@@ -311,7 +311,9 @@ def make_fused_steps(
         raise ValueError(f"num_steps must be positive, got {num_steps}")
     num_examples = num_examples_of(dataset)
     steps_per_epoch(num_examples, batch_size)  # validates batch_size early
-    dataset = jax.device_put(dataset)  # once, so no call copies it from the host
+    # Once, so no call copies it from the host. Arrays already placed stay as they
+    # are: device_put refuses one split over several processes (shard_data's).
+    dataset = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a), dataset)
     step = _for_loops(step_fn, canonical_convs)
     sizes = {"num_examples": num_examples, "batch_size": batch_size}
 
