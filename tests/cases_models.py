@@ -29,6 +29,13 @@ CASES = [
         ("models.cnn",),
     ),
     Case(
+        # Three pooled stages and a global pool: one init key per child, pools included.
+        "models.cnn_pooled_stages",
+        lambda: M.cnn(3, (4, 4, 4), global_pool=True),
+        normal(8, 8, 1),
+        ("models.cnn",),
+    ),
+    Case(
         "models.cnn_batch_norm",
         lambda: M.cnn(3, (4,), norm="batch_norm"),
         normal(8, 8, 1),

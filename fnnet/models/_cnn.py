@@ -141,7 +141,10 @@ def cnn(
     def init(key, x):
         x = jax.eval_shape(_with_channels, x)
         params, state = {}, {}
-        keys = iter(split_key(key, len(layers) + len(heads) + 2))
+        # One key per child run: every conv / norm, pool and head, and the global pool.
+        # (Never fewer than the original count, so existing seeds keep their params.)
+        children = len(layers) + n * (pooling is not None) + (to_vector is not None) + len(heads)
+        keys = iter(split_key(key, max(children, len(layers) + len(heads) + 2)))
 
         def run(name, layer, h):
             p, s, y = init_child(name, layer, next(keys), h)
