@@ -11,6 +11,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # particular random stream; checks that compare vmapped randomness with a loop
 # pass threefry keys explicitly, since rbg's bits under vmap differ from a loop's.
 jax.config.update("jax_default_prng_impl", "rbg")
+# Eight simulated CPU devices, so the sharding tests can lay out a mesh (the
+# setting must precede JAX's first use of its backend). Unsharded code runs on
+# the first device as before.
+jax.config.update("jax_num_cpu_devices", 8)
 
 
 @pytest.fixture

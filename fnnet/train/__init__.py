@@ -38,6 +38,25 @@ from fnnet.train._checkpoint import (
     load_metadata,
 )
 from fnnet.train._loop import FitResult, fit, load_model
+from fnnet.train._sharding import (
+    fsdp_rule,
+    make_sharded_steps,
+    mesh_from_spec,
+    process_rows,
+    replicate,
+    shard_data,
+    shard_state,
+    sharded_step,
+    state_sharding,
+    state_specs,
+)
+from fnnet.train._platform import (
+    BackendError,
+    init_distributed,
+    is_primary,
+    require_backend,
+    set_matmul_precision,
+)
 
 __all__ = [
     "CheckpointError", "CheckpointExistsError", "CheckpointManager", "CheckpointMismatchError",
@@ -49,4 +68,9 @@ __all__ = [
     "make_fused_steps", "make_train_step", "mean_squared_error", "policy_for_backend",
     "run_steps_python", "set_hyperparams", "softmax_cross_entropy", "steps_per_epoch",
     "take_batch", "top_k_accuracy",
+    # Scale-out: meshes, sharding, several processes (docs/scaling.md).
+    "BackendError", "fsdp_rule", "init_distributed", "is_primary", "make_sharded_steps",
+    "mesh_from_spec",
+    "process_rows", "replicate", "require_backend", "set_matmul_precision", "shard_data",
+    "shard_state", "sharded_step", "state_sharding", "state_specs",
 ]  # fmt: skip

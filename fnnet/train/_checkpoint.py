@@ -25,7 +25,12 @@ depend on the devices that wrote it. Typed PRNG keys are stored as their raw
 ``uint32`` key data with the key implementation in the record, and rewrapped on
 restore. No pickle is involved: the tree's structure is recorded as JSON.
 
-One process writes a directory at a time; several may read it.
+One process writes a directory at a time; several may read it. The exception
+is a run over several processes (``jax.distributed``): there every process
+calls ``save`` and ``restore`` with the same state, arrays split across
+processes are gathered for the save (a collective), orbax writes from process
+0, process 0 alone moves and prunes directories, and a restore into a sharded
+target gives every process its own shards.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from fnnet.train._sharding import place
 
 _FORMAT = "fnnet-checkpoint-1"
 _ARRAYS = "state"  # the orbax item holding the arrays
@@ -239,7 +247,9 @@ class CheckpointManager:
         self.directory.mkdir(parents=True, exist_ok=True)
         if damage is not None:
             aside = _free_name(self.directory, f"{step}.damaged")
-            final.rename(aside)
+            if jax.process_index() == 0:
+                final.rename(aside)
+            _sync_processes("fnnet-checkpoint-aside")
             warnings.warn(
                 f"moved the damaged checkpoint {final} aside to {aside} to save step {step} "
                 f"again; it was damaged: {damage}",
@@ -253,7 +263,9 @@ class CheckpointManager:
         )
         with _checkpointer() as checkpointer:
             checkpointer.save(final, args=args)
-        self._prune()
+        if jax.process_index() == 0:
+            self._prune()
+        _sync_processes("fnnet-checkpoint-pruned")
         return final
 
     def _prune(self) -> None:
@@ -291,10 +303,12 @@ class CheckpointManager:
             concrete arrays, or ``jax.ShapeDtypeStruct`` leaves from
             ``jax.eval_shape``. Leaves come back as JAX arrays on the default device
             (NumPy arrays where the target leaf is a NumPy array or scalar, or where
-            JAX cannot hold the dtype). Without a target the saved structure is
-            rebuilt from the record: dicts, lists, tuples and None as saved;
-            NamedTuples as their original class when its module is already imported
-            (else a look-alike namedtuple); other pytree nodes as dicts.
+            JAX cannot hold the dtype), or with the target leaf's sharding where it
+            spans several devices (a state placed by ``shard_state``). Without a
+            target the saved structure is rebuilt from the record: dicts, lists,
+            tuples and None as saved; NamedTuples as their original class when its
+            module is already imported (else a look-alike namedtuple); other pytree
+            nodes as dicts.
 
         Returns:
           ``(state, record)``: the record is the saved metadata dict plus ``format``,
@@ -603,7 +617,7 @@ def _encode_state(step: int, state: Any) -> tuple[dict, list[dict], dict]:
 def _encode_leaf(step: int, path: str, leaf: Any) -> tuple[np.ndarray, dict]:
     """One leaf as a host array and its spec entry (path, shape, dtype, checksum)."""
     if _is_key(getattr(leaf, "dtype", None)):
-        host = np.asarray(jax.device_get(jax.random.key_data(leaf)))
+        host = _host(jax.random.key_data(leaf))
         entry = {
             "path": path,
             "shape": list(leaf.shape),
@@ -612,7 +626,7 @@ def _encode_leaf(step: int, path: str, leaf: Any) -> tuple[np.ndarray, dict]:
             "key_data_shape": list(host.shape),
         }
         return host, entry | {"crc32": _crc32(host)}
-    host = np.asarray(jax.device_get(leaf))
+    host = _host(leaf)
     if not (jnp.issubdtype(host.dtype, jnp.number) or host.dtype == np.bool_):
         raise TypeError(
             f"cannot save leaf {path!r} of step {step}: dtype {host.dtype} is not numeric; a "
@@ -715,6 +729,20 @@ def _flatten_nested(tree: Any, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
     return out
 
 
+def _host(leaf: Any) -> np.ndarray:
+    """``leaf`` as one NumPy array; one split across processes is gathered first (a
+    collective, so every process must save the same state)."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+
+
+def _sync_processes(name: str) -> None:
+    """Waits for every process of a multi-process run (none to wait for otherwise)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def _crc32(host: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(host).reshape(-1).view(np.uint8))
 
@@ -804,6 +832,9 @@ def _verify_arrays(record: dict, values: dict[str, Any], where: pathlib.Path) ->
 
 def _restored_leaf(value: Any, target_leaf: Any) -> Any:
     """``value`` as the kind of leaf ``target_leaf`` is (see ``restore``)."""
+    sharding = getattr(target_leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.Sharding) and len(sharding.device_set) > 1:
+        return place(value, sharding)
     if _is_key(getattr(value, "dtype", None)):
         return value
     if isinstance(target_leaf, (np.ndarray, np.generic, int, float, complex)):

@@ -1,0 +1,539 @@
+"""Sharding: one training program over many devices, on JAX's own SPMD runtime.
+
+A mesh names the axes of a grid of devices (``mesh_from_spec("data=8")``). The
+batch is split over the ``data`` axis: each device runs the forward and backward
+pass of its slice, and because the step is still one program over the global
+batch (``jax.jit`` partitions it), XLA inserts the all-reduce that makes the
+gradient the mean over the whole batch. Parameters are replicated by default,
+or split by a rule from parameter path to ``PartitionSpec``; :func:`fsdp_rule`
+splits every large parameter over the same ``data`` axis (FSDP, ZeRO-3): XLA
+gathers each one where it is used and reduce-scatters its gradient. The
+optimizer's state follows its parameters.
+
+The mesh's axes are of JAX's ``Auto`` type. fnnet's layers carry no sharding
+annotations, and XLA's sharding propagation partitions them from the shardings
+of the inputs and of the constraints :func:`sharded_step` adds. Under
+``Explicit`` axes (``jax.make_mesh``'s default) every operation must settle its
+output's sharding from its operands' types, which the train step does not: it
+vmaps the model over the batch together with per-example dropout keys made
+inside the step, and JAX 0.10 refuses that ("Mapped away dimension of inputs
+passed to vmap should be sharded the same"); an FSDP-sharded ``x @ w`` would
+likewise have the batch of ``x`` and the rows of ``w`` claim one axis.
+
+The same code runs on one device, on eight simulated CPU devices, on a GPU
+host and on every host of a TPU slice: with several processes each one passes
+its own rows to :func:`shard_data` and runs the same program.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fnnet.train._state import TrainState
+from fnnet.train._step import make_fused_steps
+
+# rule(path, shape) -> PartitionSpec, or None for "replicated".
+RuleFn = Callable[[str, tuple[int, ...]], P | None]
+Rule = RuleFn | Sequence[tuple[str, P]] | None
+
+_AXIS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ALL = -1  # the size of an axis that takes every device the others leave
+
+
+# --- The mesh ----------------------------------------------------------------------
+
+
+def mesh_from_spec(
+    spec: str | Mapping[str, int],
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    axis_types: Sequence[AxisType] | None = None,
+) -> Mesh:
+    """A device mesh from a short description such as ``"data=8"``.
+
+    Args:
+      spec: ``"name=size,name=size"`` (``"data=4,model=2"``) or a mapping
+        ``{"data": 8}``. One axis may have size ``-1`` (or no ``=size``): it
+        takes all the devices the other axes leave, so ``"data"`` is pure data
+        parallelism over every device.
+      devices: the devices to lay out (default: ``jax.devices()``, every device
+        of every process).
+      axis_types: one ``jax.sharding.AxisType`` per axis; default ``Auto`` for
+        every axis (see the module docstring for why).
+
+    Returns:
+      A ``jax.sharding.Mesh`` built by ``jax.make_mesh`` (which orders devices
+      for fast collectives on TPU). With one process the mesh may use fewer
+      devices than there are (the first ones); with several it must use them all.
+    """
+    axes = _parse_spec(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    known = math.prod(size for size in axes.values() if size != _ALL)
+    if _ALL in axes.values():
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh {_describe_spec(spec)}: the other axes use {known} devices, which does "
+                f"not divide the {len(devices)} devices available"
+            )
+        axes = {
+            name: len(devices) // known if size == _ALL else size for name, size in axes.items()
+        }
+    total = math.prod(axes.values())
+    if total > len(devices):
+        raise ValueError(
+            f"mesh {_describe_spec(spec)} needs {total} devices, but JAX sees {len(devices)} "
+            f"({_device_summary(devices)}). On a CPU, simulate more with "
+            'jax.config.update("jax_num_cpu_devices", N) before JAX starts.'
+        )
+    if total < len(devices) and jax.process_count() > 1:
+        raise ValueError(
+            f"mesh {_describe_spec(spec)} uses {total} of the {len(devices)} devices of "
+            f"{jax.process_count()} processes; with several processes the mesh must cover "
+            "every device, so that every process holds part of it"
+        )
+    if axis_types is None:
+        axis_types = (AxisType.Auto,) * len(axes)
+    if len(axis_types) != len(axes):
+        raise ValueError(f"axis_types has {len(axis_types)} entries for {len(axes)} mesh axes")
+    return jax.make_mesh(
+        tuple(axes.values()), tuple(axes), axis_types=tuple(axis_types), devices=devices[:total]
+    )
+
+
+def _parse_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
+    if isinstance(spec, str):
+        pairs = []
+        for part in spec.split(","):
+            name, _, size = part.strip().partition("=")
+            try:
+                value = int(size) if size.strip() else _ALL
+            except ValueError:
+                raise ValueError(
+                    f"mesh spec {spec!r}: size {size!r} of axis {name.strip()!r} is not an "
+                    "integer; write it as 'data=8' or 'data=4,model=2'"
+                ) from None
+            pairs.append((name.strip(), value))
+    elif isinstance(spec, Mapping):
+        pairs = list(spec.items())
+    else:
+        raise TypeError(f"mesh spec must be a string like 'data=8' or a dict, got {spec!r}")
+    axes: dict[str, int] = {}
+    for name, size in pairs:
+        if not isinstance(name, str) or not _AXIS_NAME.fullmatch(name):
+            raise ValueError(f"mesh spec {spec!r}: axis name {name!r} is not an identifier")
+        if name in axes:
+            raise ValueError(f"mesh spec {spec!r} names axis {name!r} twice")
+        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != _ALL):
+            raise ValueError(
+                f"mesh spec {spec!r}: axis {name!r} has size {size!r}; sizes are positive "
+                "integers, or -1 for all remaining devices"
+            )
+        axes[name] = size
+    if not axes:
+        raise ValueError(f"mesh spec {spec!r} names no axes")
+    if list(axes.values()).count(_ALL) > 1:
+        raise ValueError(f"mesh spec {spec!r}: at most one axis may take the remaining devices")
+    return axes
+
+
+def _describe_spec(spec: str | Mapping[str, int]) -> str:
+    if isinstance(spec, str):
+        return repr(spec)
+    return repr(",".join(f"{k}={v}" for k, v in spec.items()))
+
+
+def _device_summary(devices: Sequence[jax.Device]) -> str:
+    kinds = sorted({d.platform for d in devices})
+    return f"{'/'.join(kinds) or 'none'}, {jax.process_count()} process(es)"
+
+
+# --- Rules: from parameter path to PartitionSpec ---------------------------------------
+
+
+def fsdp_rule(mesh: Mesh, axis: str = "data", *, min_size: int = 2**14) -> RuleFn:
+    """A rule that splits every parameter of ``min_size`` elements or more over ``axis``.
+
+    The split dimension is the largest one divisible by the axis's size (the
+    first, on ties); a parameter with no such dimension, and every smaller one
+    (biases, norm scales), stays replicated, where the cost of gathering it
+    would exceed the memory saved.
+
+    Args:
+      mesh: the mesh whose ``axis`` the parameters are split over.
+      axis: the mesh axis; usually the data axis (each device then holds
+        ``1/size`` of every large matrix and of its optimizer state).
+      min_size: the smallest parameter (in elements) that is split.
+
+    Returns:
+      ``rule(path, shape) -> PartitionSpec | None`` for :func:`shard_state`.
+    """
+    if axis not in mesh.shape:
+        raise ValueError(f"fsdp_rule: axis {axis!r} is not in the mesh {dict(mesh.shape)}")
+    ways = mesh.shape[axis]
+
+    def rule(path: str, shape: tuple[int, ...]) -> P | None:
+        del path
+        if math.prod(shape) < min_size:
+            return None
+        divisible = [d for d, n in enumerate(shape) if n % ways == 0]
+        if not divisible:
+            return None
+        dim = max(divisible, key=lambda d: (shape[d], -d))
+        return P(*([None] * dim), axis)
+
+    return rule
+
+
+def _rule_fn(rule: Rule) -> RuleFn:
+    """``rule`` as a function: None replicates, pairs are ``(regex, spec)`` tried in order."""
+    if rule is None:
+        return lambda path, shape: None
+    if callable(rule):
+        return rule
+    if isinstance(rule, str | bytes) or not isinstance(rule, Sequence):
+        raise TypeError(
+            "a sharding rule is None, a function (path, shape) -> PartitionSpec, or a list "
+            f"of (regex, PartitionSpec) pairs; got {rule!r}"
+        )
+    compiled = []
+    for entry in rule:
+        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise TypeError(f"a sharding rule's entries are (regex, PartitionSpec), got {entry!r}")
+        if not isinstance(entry[1], P | None):
+            raise TypeError(f"rule entry for {entry[0]!r}: {entry[1]!r} is not a PartitionSpec")
+        compiled.append((re.compile(entry[0]), entry[1]))
+
+    def by_pattern(path: str, shape: tuple[int, ...]) -> P | None:
+        for pattern, spec in compiled:
+            if pattern.search(path):
+                return spec
+        return None
+
+    return by_pattern
+
+
+def _path_parts(keypath: tuple) -> tuple[str, ...]:
+    out = []
+    for key in keypath:
+        if isinstance(key, jax.tree_util.DictKey):
+            out.append(str(key.key))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            out.append(key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            out.append(str(key.idx))
+        else:
+            out.append(str(getattr(key, "key", key)))
+    return tuple(out)
+
+
+def _checked(spec: Any, path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """``spec`` for the parameter at ``path``, checked against its shape and the mesh."""
+    if spec is None:
+        return P()
+    if not isinstance(spec, P):
+        raise TypeError(
+            f"the sharding rule gave {spec!r} for parameter {path!r}; expected a "
+            "jax.sharding.PartitionSpec or None (replicated)"
+        )
+    if len(spec) > len(shape):
+        raise ValueError(
+            f"the sharding rule gave {spec} for parameter {path!r} of shape {shape}: more "
+            "entries than the parameter has dimensions"
+        )
+    for dim, (size, entry) in enumerate(zip(shape, spec)):
+        if entry is None or entry is P.UNCONSTRAINED:
+            continue
+        names = entry if isinstance(entry, tuple) else (entry,)
+        unknown = [n for n in names if n not in mesh.shape]
+        if unknown:
+            raise ValueError(
+                f"the sharding rule gave {spec} for parameter {path!r}: mesh axis "
+                f"{unknown[0]!r} is not one of {tuple(mesh.axis_names)}"
+            )
+        ways = math.prod(mesh.shape[n] for n in names)
+        if size % ways:
+            raise ValueError(
+                f"the sharding rule gave {spec} for parameter {path!r} of shape {shape}: "
+                f"dimension {dim} ({size}) cannot be split {ways} ways over {names}"
+            )
+    return spec
+
+
+def state_specs(state: TrainState, mesh: Mesh, rule: Rule = None, *, replica_axis=None) -> Any:
+    """The ``PartitionSpec`` of every leaf of a training state.
+
+    Parameters get ``rule(path, shape)`` (paths like ``"hidden_0/w"``; None
+    means replicated). A leaf of the optimizer's state that mirrors a parameter
+    (Adam's ``mu`` and ``nu``: its path ends with the parameter's path and its
+    shape is the parameter's) gets the parameter's spec; every other leaf (step,
+    keys, BatchNorm statistics, optimizer counts) is replicated.
+
+    Args:
+      state: a :class:`TrainState` (arrays, tracers or ``jax.ShapeDtypeStruct``).
+      mesh: the mesh the specs refer to.
+      rule: None, ``rule(path, shape) -> PartitionSpec | None``, or a list of
+        ``(regex, PartitionSpec)`` pairs, the first whose regex is found in the
+        path deciding.
+      replica_axis: for a state stacked by ``init_replicas``: the mesh axis that
+        splits the leading replica axis (None: replicas stay whole on every device).
+
+    Returns:
+      A :class:`TrainState` of ``PartitionSpec``.
+    """
+    if not isinstance(state, TrainState):
+        raise TypeError(f"expected a fnnet.train.TrainState, got {type(state).__name__}")
+    rule_fn = _rule_fn(rule)
+    lead = 0 if replica_axis is None else 1
+    if replica_axis is not None:
+        if replica_axis not in mesh.shape:
+            raise ValueError(f"replica_axis {replica_axis!r} is not in the mesh {dict(mesh.shape)}")
+        replicas = np.shape(state.step)[0] if np.ndim(state.step) else None
+        if replicas is None or replicas % mesh.shape[replica_axis]:
+            raise ValueError(
+                f"replica_axis {replica_axis!r} has {mesh.shape[replica_axis]} devices, which "
+                f"must divide the number of replicas (the leading axis of the state: {replicas})"
+            )
+
+    def outer(spec: P) -> P:
+        return spec if replica_axis is None else P(replica_axis, *spec)
+
+    by_path: dict[tuple[str, ...], tuple[tuple[int, ...], P]] = {}
+
+    def param_spec(keypath, leaf):
+        parts = _path_parts(keypath)
+        path, shape = "/".join(parts), tuple(np.shape(leaf))[lead:]
+        spec = _checked(rule_fn(path, shape), path, shape, mesh)
+        by_path[parts] = (shape, spec)
+        return outer(spec)
+
+    def mirror_spec(keypath, leaf):
+        parts, shape = _path_parts(keypath), tuple(np.shape(leaf))[lead:]
+        for start in range(len(parts) + 1):
+            hit = by_path.get(parts[start:])
+            if hit is not None and hit[0] == shape:
+                return outer(hit[1])
+        return outer(P())
+
+    params = jax.tree_util.tree_map_with_path(param_spec, state.params)
+    opt_state = jax.tree_util.tree_map_with_path(mirror_spec, state.opt_state)
+    rest = {
+        name: jax.tree.map(lambda _: outer(P()), getattr(state, name))
+        for name in TrainState._fields
+        if name not in ("params", "opt_state")
+    }
+    return TrainState(params=params, opt_state=opt_state, **rest)
+
+
+def _named(mesh: Mesh, specs: Any) -> Any:
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def state_sharding(state: TrainState, mesh: Mesh, rule: Rule = None, *, replica_axis=None) -> Any:
+    """:func:`state_specs` as ``NamedSharding`` on ``mesh`` (for ``jax.device_put``, or
+    as the target of a checkpoint restore)."""
+    return _named(mesh, state_specs(state, mesh, rule, replica_axis=replica_axis))
+
+
+def shard_state(state: TrainState, mesh: Mesh, rule: Rule = None, *, replica_axis=None):
+    """Places a training state on ``mesh``: see :func:`state_specs` for who goes where.
+
+    With several processes every process passes the same state (same seed), as
+    ``init_state`` gives them.
+    """
+    return place(state, state_sharding(state, mesh, rule, replica_axis=replica_axis))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)`` that also works across processes.
+
+    ``jax.device_put`` refuses a sharding with devices of other processes; then
+    each process builds its own shards from its (identical) copy of the value
+    with ``jax.make_array_from_callback``. Typed PRNG keys go through their key data.
+
+    Args:
+      tree: pytree of arrays (NumPy or JAX, the same value in every process).
+      shardings: a sharding, or a pytree of shardings matching ``tree``.
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(_place_leaf, tree, shardings)
+
+
+def _place_leaf(leaf: Any, sharding: jax.sharding.Sharding) -> Any:
+    if sharding.is_fully_addressable:
+        return jax.device_put(leaf, sharding)
+    if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+        data = _place_leaf(jax.random.key_data(leaf), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+# --- The step and the data --------------------------------------------------------------
+
+
+def sharded_step(step_fn: Callable, mesh: Mesh, *, rule: Rule = None, batch_axis="data"):
+    """``step_fn`` with its batch split over ``batch_axis`` and its state kept as placed.
+
+    Wraps ``step(state, batch) -> (state, metrics)`` (from ``make_train_step``)
+    for ``make_fused_steps`` or ``jax.jit``: the batch drawn inside the program
+    is constrained to ``PartitionSpec(batch_axis)`` (each device computes its
+    slice; the loss and gradient stay means over the global batch), and the new
+    state to the specs :func:`state_specs` gives with the same ``rule``, so a
+    fused scan carries it with one sharding from step to step.
+
+    Args:
+      step_fn: the step to wrap.
+      mesh: the mesh the state was placed on with :func:`shard_state`.
+      rule: the parameter rule given to :func:`shard_state`.
+      batch_axis: the mesh axis (or tuple of axes) that splits the batch; None
+        leaves the batch to XLA, which is the choice when the replicas of
+        ``init_replicas`` are split over the devices instead
+        (``shard_state(..., replica_axis="data")``).
+
+    Returns:
+      ``step(state, batch) -> (state, metrics)``.
+    """
+    explicit = [n for n, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Auto]
+    if explicit:
+        raise ValueError(
+            f"sharded_step needs a mesh whose axes are of type Auto; {explicit} are not. "
+            "Build the mesh with mesh_from_spec (Auto by default) or pass "
+            "axis_types=(AxisType.Auto, ...) to jax.make_mesh."
+        )
+    batch_sharding = None if batch_axis is None else NamedSharding(mesh, P(batch_axis))
+    ways = 1 if batch_axis is None else math.prod(mesh.shape[a] for a in _names(batch_axis))
+
+    def step(state: TrainState, batch: Any):
+        if batch_sharding is not None:
+            size = jax.tree.leaves(batch)[0].shape[0]
+            if size % ways:
+                raise ValueError(
+                    f"a batch of {size} examples cannot be split evenly over the {ways} devices "
+                    f"of mesh axis {batch_axis!r}; use a batch size divisible by {ways}"
+                )
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        new_state, metrics = step_fn(state, batch)
+        new_state = jax.lax.with_sharding_constraint(
+            new_state, state_sharding(new_state, mesh, rule)
+        )
+        return new_state, metrics
+
+    return step
+
+
+def make_sharded_steps(
+    step_fn: Callable,
+    dataset: Any,
+    mesh: Mesh,
+    *,
+    rule: Rule = None,
+    batch_axis: Any = "data",
+    replica_axis: str | None = None,
+    **fused: Any,
+) -> Callable:
+    """``make_fused_steps`` of :func:`sharded_step` that returns the state as it was placed.
+
+    A jitted program chooses the shardings of its outputs itself, and XLA may
+    return a replicated leaf split (it is free to do so); the next call would
+    then see new input shardings and compile again. ``run`` moves any such leaf
+    back to the sharding :func:`shard_state` gave it (no copy when it is already
+    there), so every call reuses one program.
+
+    Args:
+      step_fn: ``step(state, batch)`` from ``make_train_step``.
+      dataset: ``(x, y)`` arrays; NumPy arrays are replicated on every device of
+        ``mesh`` (:func:`replicate`), ``jax.Array`` (from :func:`shard_data`) used
+        as placed.
+      mesh, rule, batch_axis: as for :func:`sharded_step`.
+      replica_axis: as for :func:`shard_state`; needs ``replicated=True``.
+      **fused: ``batch_size``, ``num_steps``, ``shuffle``, ``replicated``,
+        ``canonical_convs``, passed to ``make_fused_steps``.
+
+    Returns:
+      ``run(state) -> (state, metrics)`` for a state placed with
+      ``shard_state(state, mesh, rule, replica_axis=replica_axis)``.
+    """
+    if replica_axis is not None and not fused.get("replicated", False):
+        raise ValueError("replica_axis splits stacked replicas: pass replicated=True as well")
+    if not all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(dataset)):
+        dataset = replicate(dataset, mesh)
+    step = sharded_step(step_fn, mesh, rule=rule, batch_axis=batch_axis)
+    fused_run = make_fused_steps(step, dataset, **fused)
+
+    def run(state: TrainState):
+        new_state, metrics = fused_run(state)
+        placed = state_sharding(new_state, mesh, rule, replica_axis=replica_axis)
+        return jax.device_put(new_state, placed), metrics
+
+    return run
+
+
+def _names(axis: str | tuple[str, ...]) -> tuple[str, ...]:
+    return axis if isinstance(axis, tuple) else (axis,)
+
+
+def process_rows(num_examples: int) -> slice:
+    """The rows of a dataset of ``num_examples`` that this process loads: an equal,
+    contiguous share (process ``i`` of ``n`` gets the ``i``-th ``n``-th)."""
+    count, index = jax.process_count(), jax.process_index()
+    if num_examples % count:
+        raise ValueError(
+            f"{num_examples} examples cannot be shared equally by {count} processes; "
+            f"drop the last {num_examples % count}"
+        )
+    share = num_examples // count
+    return slice(index * share, (index + 1) * share)
+
+
+def shard_data(local: Any, mesh: Mesh, *, axis: str | tuple[str, ...] = "data") -> Any:
+    """A global array of every process's rows, split over ``axis`` on its leading dimension.
+
+    Each process passes only the rows it loaded (a batch, or its share of a
+    dataset from :func:`process_rows`); ``jax.make_array_from_process_local_data``
+    assembles the global array without copying rows between hosts. With one
+    process this is ``jax.device_put`` with the sharding.
+
+    Args:
+      local: pytree of arrays with a leading example axis, the same shape on every
+        process.
+      mesh: the mesh.
+      axis: the mesh axis (or axes) that splits the examples.
+
+    Returns:
+      The same pytree of global ``jax.Array`` whose leading size is the sum over
+      processes.
+    """
+    sharding = NamedSharding(mesh, P(axis))
+    ways = math.prod(mesh.shape[a] for a in _names(axis))
+
+    def one(keypath, leaf):
+        host = np.asarray(leaf)
+        global_rows = host.shape[0] * jax.process_count() if host.ndim else 0
+        if host.ndim == 0 or global_rows % ways:
+            raise ValueError(
+                f"shard_data: leaf {jax.tree_util.keystr(keypath) or '(root)'} of shape "
+                f"{host.shape} on each of {jax.process_count()} process(es) gives "
+                f"{global_rows} rows, which cannot be split over the {ways} devices of "
+                f"axis {axis!r}"
+            )
+        return jax.make_array_from_process_local_data(sharding, host)
+
+    return jax.tree_util.tree_map_with_path(one, local)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` copied whole to every device of ``mesh`` (every process passes the same).
+
+    For a dataset small enough to sit on every device, the fused loop then draws
+    each device's share of a batch locally, with no communication.
+    """
+    return place(tree, NamedSharding(mesh, P()))

@@ -1,0 +1,305 @@
+"""Training on a mesh of 8 simulated CPU devices equals training on one device.
+
+conftest.py gives the suite 8 CPU devices. Each architecture trains a few fused
+steps unsharded and on the ``data=8`` mesh; the parameters agree within float32
+rounding (the sharded program sums the batch in another order), and the state
+and the batch drawn inside the program carry the shardings asked for.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import fnnet
+from fnnet import train
+
+CLASSES = 3
+BATCH = 16
+STEPS = 2
+TOL = {"rtol": 2e-5, "atol": 2e-6}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return train.mesh_from_spec("data=8")
+
+
+def _data(shape):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, *shape)).astype(np.float32)
+    y = (np.arange(32) % CLASSES).astype(np.int32)
+    return x, y
+
+
+ARCHITECTURES = {
+    "mlp": (lambda: fnnet.models.mlp(CLASSES, hidden=(16,)), (12, 2)),
+    "cnn": (lambda: fnnet.models.cnn(CLASSES, (4, 8), pool=None), (12, 2)),
+    "gru": (lambda: fnnet.models.rnn(CLASSES, hidden=8, cell="gru"), (12, 2)),
+    "transformer": (
+        lambda: fnnet.models.transformer_classifier(
+            CLASSES, width=16, depth=1, num_heads=2, max_len=16
+        ),
+        (12, 2),
+    ),
+}
+
+
+def _specs_of(tree):
+    return [leaf.sharding for leaf in jax.tree.leaves(tree)]
+
+
+def _assert_sharded_as(tree, specs, mesh):
+    for leaf, spec in zip(jax.tree.leaves(tree), jax.tree.leaves(specs, is_leaf=_is_spec)):
+        assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim), (
+            leaf.shape,
+            leaf.sharding,
+            spec,
+        )
+
+
+def _is_spec(x):
+    return isinstance(x, P)
+
+
+def _recording(step_fn, seen):
+    """``step_fn`` that records the sharding XLA chose for the batch it receives."""
+
+    def step(state, batch):
+        jax.debug.inspect_array_sharding(batch[0], callback=seen.append)
+        return step_fn(state, batch)
+
+    return step
+
+
+# Every architecture trains on the mesh; the transformer, with the most kinds of
+# parameter (stacked blocks, norms, embeddings), under the FSDP rule: its small
+# leaves stay replicated, so it checks both placements. Each case compiles two
+# fused programs, the bulk of this file's time.
+CASES = [("mlp", False), ("cnn", False), ("gru", False), ("transformer", True)]
+
+
+@pytest.mark.parametrize(
+    "name, fsdp", CASES, ids=[f"{n}-{'fsdp' if f else 'replicated'}" for n, f in CASES]
+)
+def test_sharded_training_matches_one_device(name, fsdp, mesh):
+    build, shape = ARCHITECTURES[name]
+    model = build()
+    optimizer = optax.sgd(0.1, momentum=0.9)
+    data = _data(shape)
+    state = train.init_state(model, optimizer, data[0][0], seed=0)
+    step = train.make_train_step(model, optimizer, train.softmax_cross_entropy)
+    want, want_metrics = train.make_fused_steps(step, data, batch_size=BATCH, num_steps=STEPS)(
+        state
+    )
+
+    rule = train.fsdp_rule(mesh, min_size=64) if fsdp else None
+    placed = train.shard_state(state, mesh, rule)
+    specs = train.state_specs(state, mesh, rule)
+    _assert_sharded_as(placed, specs, mesh)
+    seen = []
+    run = train.make_sharded_steps(
+        _recording(step, seen), data, mesh, rule=rule, batch_size=BATCH, num_steps=STEPS
+    )
+    got, got_metrics = run(placed)
+
+    for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), **TOL)
+    np.testing.assert_allclose(got_metrics["loss"], want_metrics["loss"], **TOL)
+    _assert_sharded_as(got, specs, mesh)  # returned as placed, so the next call reuses the program
+    assert seen, "the batch sharding was never inspected"
+    batch_sharding = NamedSharding(mesh, P("data"))
+    assert all(s.is_equivalent_to(batch_sharding, 1 + len(shape)) for s in seen), seen
+    if fsdp:
+        split = [s for s in jax.tree.leaves(specs.params, is_leaf=_is_spec) if s != P()]
+        assert split, "the FSDP rule split no parameter"
+
+
+def test_fsdp_rule_splits_large_parameters_and_their_optimizer_state(mesh):
+    model = fnnet.models.mlp(CLASSES, hidden=(16,))
+    state = train.init_state(model, optax.adam(1e-2), jnp.zeros(24), seed=0)
+    specs = train.state_specs(state, mesh, train.fsdp_rule(mesh, min_size=64))
+    # hidden_0/w is (24, 16): both divisible by 8, the larger (rows) is split;
+    # out/w (16, 3) has 48 < 64 elements and the biases are small: replicated.
+    assert specs.params == {
+        "hidden_0": {"w": P("data"), "b": P()},
+        "out": {"w": P(), "b": P()},
+    }
+    adam = specs.opt_state[0]
+    assert adam.mu == specs.params and adam.nu == specs.params
+    assert adam.count == P() and specs.step == P() and specs.key == P()
+
+
+def test_regex_rule_and_its_errors(mesh):
+    model = fnnet.models.mlp(CLASSES, hidden=(16,))
+    state = train.init_state(model, optax.sgd(0.1), jnp.zeros(24), seed=0)
+    rule = [(r"hidden_\d+/w$", P(None, "data")), (r"/b$", None)]
+    assert train.state_specs(state, mesh, rule).params["hidden_0"] == {
+        "w": P(None, "data"),
+        "b": P(),
+    }
+    with pytest.raises(ValueError, match=r"'out/w'.*dimension 1 \(3\) cannot be split 8 ways"):
+        train.state_specs(state, mesh, [(r"w$", P(None, "data"))])
+    with pytest.raises(ValueError, match="mesh axis 'model' is not one of"):
+        train.state_specs(state, mesh, [(r"w$", P("model"))])
+    with pytest.raises(ValueError, match="more entries than the parameter has dimensions"):
+        train.state_specs(state, mesh, [(r"b$", P(None, "data"))])
+    with pytest.raises(TypeError, match="expected a jax.sharding.PartitionSpec"):
+        train.state_specs(state, mesh, lambda path, shape: "data")
+    with pytest.raises(TypeError, match=r"entries are \(regex, PartitionSpec\)"):
+        train.state_specs(state, mesh, [r"w$"])
+    with pytest.raises(TypeError, match="expected a fnnet.train.TrainState"):
+        train.state_specs(state.params, mesh)
+
+
+def test_data_parallel_gradient_is_the_full_batch_gradient(mesh):
+    """One SGD step with learning rate 1 moves the params by exactly the gradient.
+
+    A data-parallel step that summed the per-device mean gradients (instead of
+    averaging them) would move them 8 times too far."""
+    model = fnnet.models.mlp(CLASSES, hidden=(16,))
+    x, y = _data((24,))
+    x, y = x[:BATCH], y[:BATCH]
+    state = train.init_state(model, optax.sgd(1.0), x[0], seed=0)
+
+    def full_batch_loss(params):
+        logits = jax.vmap(model.apply, in_axes=(None, 0))(params, x)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    want = jax.grad(full_batch_loss)(state.params)
+    step = train.sharded_step(
+        train.make_train_step(model, optax.sgd(1.0), train.softmax_cross_entropy), mesh
+    )
+    batch = train.shard_data((x, y), mesh)
+    assert batch[0].sharding == NamedSharding(mesh, P("data"))
+    new, _ = jax.jit(step)(train.shard_state(state, mesh), batch)
+    got = jax.tree.map(lambda old, new: old - new, state.params, new.params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
+def test_replicas_split_over_devices_match_replicas_on_one(mesh):
+    model = fnnet.models.mlp(CLASSES, hidden=(8,))
+    optimizer = optax.sgd(0.1)
+    data = _data((24,))
+    replicas = train.init_replicas(model, optimizer, data[0][0], jnp.arange(8))
+    step = train.make_train_step(model, optimizer, train.softmax_cross_entropy)
+    want, _ = train.make_fused_steps(
+        step, data, batch_size=BATCH, num_steps=STEPS, replicated=True
+    )(replicas)
+
+    placed = train.shard_state(replicas, mesh, replica_axis="data")
+    assert placed.params["out"]["w"].sharding.spec == P("data")
+    run = train.make_sharded_steps(
+        step,
+        data,
+        mesh,
+        batch_axis=None,
+        replica_axis="data",
+        batch_size=BATCH,
+        num_steps=STEPS,
+        replicated=True,
+    )
+    got, _ = run(placed)
+    for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), **TOL)
+        assert b.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), b.ndim)
+    with pytest.raises(ValueError, match="must divide the number of replicas"):
+        train.shard_state(
+            train.init_replicas(model, optimizer, data[0][0], jnp.arange(3)),
+            mesh,
+            replica_axis="data",
+        )
+
+
+def test_mesh_from_spec():
+    mesh = train.mesh_from_spec("data=4,model=2")
+    assert dict(mesh.shape) == {"data": 4, "model": 2}
+    assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
+    assert dict(train.mesh_from_spec("data").shape) == {"data": 8}
+    assert dict(train.mesh_from_spec("data=-1, model=2").shape) == {"data": 4, "model": 2}
+    assert dict(train.mesh_from_spec({"data": 2}).shape) == {"data": 2}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("data=16", "needs 16 devices, but JAX sees 8"),
+        ("data=x", "size 'x' of axis 'data' is not an integer"),
+        ("data=0", "axis 'data' has size 0"),
+        ("data=2,data=4", "names axis 'data' twice"),
+        ("a=-1,b", "at most one axis"),
+        ("1x=2", "is not an identifier"),
+        ("data=-1,model=3", "does not divide the 8 devices"),
+    ],
+)
+def test_mesh_from_spec_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        train.mesh_from_spec(spec)
+
+
+def test_sharded_step_refuses_explicit_meshes_and_uneven_batches(mesh):
+    model = fnnet.models.mlp(CLASSES, hidden=(4,))
+    step = train.make_train_step(model, optax.sgd(0.1), train.softmax_cross_entropy)
+    explicit = train.mesh_from_spec("data=8", axis_types=(AxisType.Explicit,))
+    with pytest.raises(ValueError, match=r"axes are of type Auto; \['data'\] are not"):
+        train.sharded_step(step, explicit)
+    x, y = _data((24,))
+    state = train.init_state(model, optax.sgd(0.1), x[0], seed=0)
+    with pytest.raises(ValueError, match="batch of 12 examples cannot be split evenly"):
+        jax.eval_shape(train.sharded_step(step, mesh), state, (x[:12], y[:12]))
+    with pytest.raises(ValueError, match="cannot be split over the 8 devices"):
+        train.shard_data((x[:12], y[:12]), mesh)
+
+
+def test_process_rows_in_one_process():
+    assert train.process_rows(10) == slice(0, 10)
+
+
+def test_sharded_checkpoint_restores_with_its_shardings(mesh, tmp_path):
+    model = fnnet.models.mlp(CLASSES, hidden=(16,))
+    state = train.init_state(model, optax.adam(1e-2), jnp.zeros(24), seed=0)
+    rule = train.fsdp_rule(mesh, min_size=64)
+    placed = train.shard_state(state, mesh, rule)
+    manager = train.CheckpointManager(tmp_path)
+    manager.save(0, placed, metadata={})
+    restored, _ = manager.restore(target=placed)
+    assert _specs_of(restored) == _specs_of(placed)
+    assert placed.params["hidden_0"]["w"].sharding.spec == P("data")  # really split
+    np.testing.assert_array_equal(
+        jax.random.key_data(restored.key), jax.random.key_data(placed.key)
+    )
+    for a, b in zip(jax.tree.leaves(placed.opt_state), jax.tree.leaves(restored.opt_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    plain, _ = manager.restore()  # without a target: on the default device, as before
+    assert plain.params["hidden_0"]["w"].sharding.num_devices == 1
+
+
+def test_require_backend():
+    assert train.require_backend("cpu") == jax.devices()
+    for name in ("tpu", "gpu"):
+        with pytest.raises(train.BackendError, match=f"asked for the {name} backend.*cpu"):
+            train.require_backend(name)
+    with pytest.raises(ValueError, match="must be one of"):
+        train.require_backend("cuda")
+
+
+def test_set_matmul_precision():
+    old = train.set_matmul_precision("highest")
+    try:
+        assert jax.config.jax_default_matmul_precision == "highest"
+        with pytest.raises(ValueError, match="'fast' is not a setting JAX knows"):
+            train.set_matmul_precision("fast")
+    finally:
+        assert train.set_matmul_precision(old) == "highest"
+    assert jax.config.jax_default_matmul_precision == old
+
+
+def test_init_distributed_wants_all_three_or_none():
+    with pytest.raises(ValueError, match="together, or none of them"):
+        train.init_distributed("127.0.0.1:1234")
