@@ -175,6 +175,19 @@ def test_step_matches_a_hand_written_step(data):
     assert int(new.step) == 1 and int(new.nonfinite_step) == -1
 
 
+def test_a_donated_step_gives_the_same_state(data, mlp_step, mlp):
+    # jax.jit(step, donate_argnums=0) is the fast way to run steps one by one
+    # (docs/training.md): the new state reuses the old one's buffers.
+    state = init_state(mlp, optax.adam(1e-2), data[0][0], seed=0)
+    batch = (data[0][:BATCH], data[1][:BATCH])
+    want, want_metrics = jax.jit(mlp_step)(state, batch)
+    donated = jax.tree.map(jnp.copy, state)
+    got, got_metrics = jax.jit(mlp_step, donate_argnums=0)(donated, batch)
+    assert_trees_equal(got, want)
+    assert_trees_equal(got_metrics, want_metrics)
+    assert donated.params["out"]["w"].is_deleted()
+
+
 @pytest.mark.parametrize(
     "optimizer",
     [

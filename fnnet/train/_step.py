@@ -122,11 +122,19 @@ def decay_mask(params: Any) -> Any:
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    """A bool scalar: every element of every floating leaf of ``tree`` is finite."""
-    ok = jnp.array(True)
+    """A bool scalar: every element of every floating leaf of ``tree`` is finite.
+
+    One reduction per dtype over the concatenated leaves rather than one per
+    leaf: on the CPU each reduction is a separate kernel launch, and a small
+    model's step has only tens of them in all.
+    """
+    groups: dict[Any, list[jax.Array]] = {}
     for leaf in jax.tree.leaves(tree):
         if jnp.issubdtype(leaf.dtype, jnp.inexact):
-            ok = ok & jnp.all(jnp.isfinite(leaf))
+            groups.setdefault(leaf.dtype, []).append(jnp.ravel(leaf))
+    ok = jnp.array(True)
+    for flat in groups.values():
+        ok = ok & jnp.all(jnp.isfinite(jnp.concatenate(flat)))
     return ok
 
 
@@ -185,6 +193,13 @@ def make_train_step(
       if the loss or any gradient is not finite, params, optimizer state and
       model state are kept and the first such step is recorded in
       ``nonfinite_step`` / ``nonfinite_what`` (see ``check_finite``).
+
+    To run it one step per call, jit it with the state donated,
+    ``jax.jit(step, donate_argnums=0)``, and thread the returned state: the new
+    state then reuses the old one's buffers. Without donation XLA copies every
+    parameter and optimizer buffer that a skipped step would hand back unchanged,
+    which costs a small model's step on the CPU about a third of its time.
+    ``make_fused_steps`` needs none of this (the state is a loop carry there).
     """
     metric_fns = dict(metric_fns or {})
     if "loss" in metric_fns:
@@ -215,25 +230,38 @@ def make_train_step(
         (loss, (output, new_model_state)), grads = jax.value_and_grad(
             loss_and_output, has_aux=True
         )(state.params, state.model_state, x, y, keys)
-        with _optax_promotion():
-            updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-            new_params = optax.apply_updates(state.params, updates)
-        new_model_state = _keep_dtypes(new_model_state, state.model_state)
 
-        # A non-finite loss or gradient would poison the params for good; skip the
-        # update with a select (no branch, no host sync) and remember where it began.
+        # A non-finite loss or gradient would poison the params for good, so such
+        # a step is skipped and the first one remembered (no host sync). A cond
+        # rather than a select on every leaf: the update is computed only when it
+        # is kept, and on the CPU the selects (and the copies they force on the
+        # optimizer's state) cost a small model's step about a third more. Under
+        # vmap (replicas) the cond becomes that select, with the same result.
         finite_loss = jnp.isfinite(loss)
         finite = finite_loss & _all_finite(grads)
 
-        def keep_if_bad(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def apply_update():
+            with _optax_promotion():
+                updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+                params = optax.apply_updates(state.params, updates)
+            # Each branch must give the types the state had (a low-precision
+            # policy could otherwise turn BatchNorm statistics to bfloat16).
+            return _keep_dtypes(
+                (params, opt_state, new_model_state),
+                (state.params, state.opt_state, state.model_state),
+            )
+
+        def keep_state():
+            return state.params, state.opt_state, state.model_state
+
+        params, opt_state, model_state = jax.lax.cond(finite, apply_update, keep_state)
 
         first_bad = (state.nonfinite_step < 0) & ~finite
         what = jnp.where(finite_loss, jnp.int32(NONFINITE_GRADS), jnp.int32(NONFINITE_LOSS))
         new_state = TrainState(
-            params=keep_if_bad(new_params, state.params),
-            opt_state=keep_if_bad(new_opt_state, state.opt_state),
-            model_state=keep_if_bad(new_model_state, state.model_state),
+            params=params,
+            opt_state=opt_state,
+            model_state=model_state,
             step=state.step + 1,
             key=state.key,
             data_key=state.data_key,
