@@ -67,15 +67,16 @@ HAND_FORWARD = {
 }
 
 
-def handwritten_contender(name, params, tx) -> Contender:
+def handwritten_contender(name, params, tx, *, donate: bool = False) -> Contender:
     """Plain JAX: a jitted value_and_grad + optax update over the fnnet parameter tree.
 
     ``params`` come from the fnnet model's ``init`` (initialization is not timed);
-    the forward pass is ``bench.handwritten``'s batched jax.numpy.
+    the forward pass is ``bench.handwritten``'s batched jax.numpy. With ``donate``
+    the step is jitted with ``donate_argnums=0`` and starts from a copy of
+    ``params``, so the caller's arrays stay valid.
     """
     forward = HAND_FORWARD[name]
 
-    @jax.jit
     def step(state, batch):
         params, opt_state = state
         x, y = batch
@@ -83,6 +84,9 @@ def handwritten_contender(name, params, tx) -> Contender:
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
+    if donate:
+        params = jax.tree.map(jnp.copy, params)
+    step = jax.jit(step, donate_argnums=0 if donate else ())
     return Contender((params, tx.init(params)), step, _same, count_params(params))
 
 

@@ -6,23 +6,29 @@ mean softmax cross-entropy, at batch 100 (the paper's) and 1024:
 
 - ``jnp``: the model hand-written in jax.numpy, a ``jax.jit`` step
   (value_and_grad + optax update);
+- ``jnp_donate``: the same step jitted with its state donated
+  (``donate_argnums=0``), so each step reuses the previous one's buffers;
 - ``linen``: Flax Linen modules, ``flax.training.train_state.TrainState``;
 - ``nnx``: Flax NNX modules, ``nnx.jit`` + ``nnx.Optimizer`` (the tutorials' way);
 - ``nnx_split``: NNX split once into graphdef + state, a ``jax.jit`` step that
   merges inside (NNX's documented fast pattern);
 - ``nnx_cached``: NNX with ``nnx.cached_partial`` (the other documented cure;
   not in the default list, add it with ``--contenders``);
-- ``fnnet``: ``jax.jit(make_train_step(...))`` from ``fnnet.train``, one step per call;
+- ``fnnet``: ``jax.jit(make_train_step(...), donate_argnums=0)`` from ``fnnet.train``,
+  one step per call, the state donated as ``make_train_step`` documents;
 - ``fused``: ``make_fused_steps`` with K = steps per epoch (40 at batch 100, 3 at
   1024), the chunk ``fnnet.train.fit`` dispatches, batches drawn on the device;
-- ``fused8``: 8 seeds of ``fused`` as one ``jax.vmap``-ped program (MLP, batch 100).
+- ``fused8``: 8 seeds of ``fused`` as one program, ``make_fused_steps(...,
+  replicated=True)`` (MLP, batch 100).
 
 The input is the same for every contender: the training set is put on the
 device once and cut into the epoch's batches (in stored order, no shuffling, as
 the paper trains) before timing; a per-step contender is handed batch
 ``i % steps_per_epoch`` at step ``i``, which costs the host nothing; the fused
-contenders draw the same batches inside their program. No contender donates
-buffers, and none fetches the loss during the timed loop.
+contenders draw the same batches inside their program. Only ``jnp_donate`` and
+``fnnet`` donate buffers; no contender fetches the loss during the timed loop.
+``fnnet / jax.numpy`` compares fnnet with the faster of ``jnp`` and ``jnp_donate``
+in each repeat.
 
 Timing, per (model, batch, contender), each in a fresh process: the first call
 (trace + compile + one step or one fused chunk), a warm-up, then ``--steps``
@@ -53,10 +59,21 @@ import numpy as np
 
 MODELS = ("mlp", "cnn", "gru", "transformer")
 BATCHES = (100, 1024)
-CONTENDERS = ("jnp", "linen", "nnx", "nnx_split", "nnx_cached", "fnnet", "fused", "fused8")
-DEFAULT_CONTENDERS = ("jnp", "linen", "nnx", "nnx_split", "fnnet", "fused", "fused8")
+CONTENDERS = (
+    "jnp",
+    "jnp_donate",
+    "linen",
+    "nnx",
+    "nnx_split",
+    "nnx_cached",
+    "fnnet",
+    "fused",
+    "fused8",
+)
+DEFAULT_CONTENDERS = ("jnp", "jnp_donate", "linen", "nnx", "nnx_split", "fnnet", "fused", "fused8")
+HANDWRITTEN = ("jnp", "jnp_donate")
 FLAX = ("linen", "nnx", "nnx_split", "nnx_cached")
-PER_STEP_BASELINES = ("jnp", *FLAX)
+PER_STEP_BASELINES = (*HANDWRITTEN, *FLAX)
 SEEDS = 8
 LEARNING_RATE = 1e-2
 
@@ -78,6 +95,7 @@ DEFAULT_STEPS = {
 
 LABELS = {
     "jnp": "jax.numpy",
+    "jnp_donate": "jax.numpy donated",
     "linen": "Linen",
     "nnx": "NNX",
     "nnx_split": "NNX split",
@@ -136,9 +154,9 @@ def _per_step(model, contender, x_all, batches, seed):
     from bench import _train_baselines as base
 
     tx = optax.adam(LEARNING_RATE)
-    if contender == "jnp":
+    if contender in HANDWRITTEN:
         params = _fnnet_model(model).init(jax.random.key(seed), x_all[0])
-        return base.handwritten_contender(model, params, tx)
+        return base.handwritten_contender(model, params, tx, donate=contender == "jnp_donate")
     if contender == "linen":
         return base.linen_contender(model, batches[0][0], tx, seed)
     if contender == "nnx":
@@ -154,7 +172,7 @@ def _per_step(model, contender, x_all, batches, seed):
 
         layer = _fnnet_model(model)
         state = init_state(layer, tx, x_all[0], seed=seed)
-        step = jax.jit(make_train_step(layer, tx, softmax_cross_entropy))
+        step = jax.jit(make_train_step(layer, tx, softmax_cross_entropy), donate_argnums=0)
 
         def fnnet_step(state, batch):
             state, metrics = step(state, batch)
@@ -166,7 +184,6 @@ def _per_step(model, contender, x_all, batches, seed):
 
 def _fused(model, contender, dataset, batch, chunk, seed):
     """``(state, run)`` for the fused contenders; ``run(state) -> (state, losses)``."""
-    import jax
     import jax.numpy as jnp
     import optax
 
@@ -177,13 +194,15 @@ def _fused(model, contender, dataset, batch, chunk, seed):
     tx = optax.adam(LEARNING_RATE)
     layer = _fnnet_model(model)
     step = make_train_step(layer, tx, softmax_cross_entropy)
-    run = make_fused_steps(step, dataset, batch_size=batch, num_steps=chunk, shuffle=False)
+    replicated = contender == "fused8"
+    run = make_fused_steps(
+        step, dataset, batch_size=batch, num_steps=chunk, shuffle=False, replicated=replicated
+    )
     example = dataset[0][0]
-    if contender == "fused":
-        state = init_state(layer, tx, example, seed=seed)
-    else:
+    if replicated:
         state = init_replicas(layer, tx, example, jnp.arange(seed, seed + SEEDS))
-        run = jax.jit(jax.vmap(run))
+    else:
+        state = init_state(layer, tx, example, seed=seed)
 
     def run_losses(state):
         state, metrics = run(state)
@@ -349,10 +368,11 @@ def summarize(records: list[dict]) -> list[dict]:
 
     Ratios are of speeds (steps per second; above 1 means the numerator is
     faster), each the median over repeats of the repeat's own ratio:
-    ``fnnet_vs_jnp``, ``fnnet_vs_flax`` (the repeat's fastest Flax contender),
-    ``fused_vs_baseline`` (fused against the repeat's fastest per-step baseline,
-    hand-written or Flax), ``fused_vs_fnnet``, and ``seeds_time`` (wall time of
-    8 vmapped seeds over the wall time of one seed, the same steps: the MLP).
+    ``fnnet_vs_jnp`` (against the repeat's faster hand-written step),
+    ``fnnet_vs_flax`` (the repeat's fastest Flax contender), ``fused_vs_baseline``
+    (fused against the repeat's fastest per-step baseline, hand-written or Flax),
+    ``fused_vs_fnnet``, and ``seeds_time`` (wall time of 8 vmapped seeds over the
+    wall time of one seed, the same steps: the MLP).
     """
     cells: dict[tuple, dict] = {}
     for rec in records:
@@ -378,7 +398,7 @@ def summarize(records: list[dict]) -> list[dict]:
             row["speed"][c] = _median([by[c]["steps_per_s"] for by in runs.values() if c in by])
             row["compile"][c] = _median([by[c]["compile_s"] for by in runs.values() if c in by])
         row["params"] = next(by[c]["params"] for by in runs.values() for c in by)
-        row["fnnet_vs_jnp"] = ratio(runs, "fnnet", ["jnp"])
+        row["fnnet_vs_jnp"] = ratio(runs, "fnnet", HANDWRITTEN)
         row["fnnet_vs_flax"] = ratio(runs, "fnnet", FLAX)
         row["fused_vs_baseline"] = ratio(runs, "fused", PER_STEP_BASELINES)
         row["fused_vs_fnnet"] = ratio(runs, "fused", ["fnnet"])
