@@ -25,7 +25,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.core
-	$(PY) -m bench.train --models mlp,cnn --repeats 2
+	$(PY) -m bench.train --repeats 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
