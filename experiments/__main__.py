@@ -1,0 +1,3 @@
+from experiments._cli import main
+
+raise SystemExit(main())

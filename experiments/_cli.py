@@ -1,0 +1,86 @@
+"""``python -m experiments``: list, run and report the experiments."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from experiments._config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments",
+        description="Train fnnet's architectures side by side and report what they do.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="the experiments, their fields, and the model registry")
+    run = commands.add_parser(
+        "run",
+        help="run experiments: NAME... (or all) and FIELD=VALUE overrides",
+        description="Run experiments. Arguments are experiment names (or all) and "
+        "FIELD=VALUE overrides of their configuration, e.g. "
+        "`python -m experiments run architectures steps=2000 models=mlp,cnn`.",
+    )
+    run.add_argument("items", nargs="*", metavar="NAME|FIELD=VALUE")
+    run.add_argument("--seeds", type=int, help="seeds per model (vmapped replicas)")
+    run.add_argument("--quick", action="store_true", help="tiny settings, same code paths")
+    run.add_argument("--out", type=pathlib.Path, help="output folder (default results/)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=30.0,
+        help="checkpoint an unfinished run at most this often (0: every evaluation)",
+    )
+    report = commands.add_parser("report", help="rebuild summaries and plots from records")
+    report.add_argument("items", nargs="*", metavar="NAME|FIELD=VALUE")
+    report.add_argument("--seeds", type=int)
+    report.add_argument("--quick", action="store_true")
+    report.add_argument("--out", type=pathlib.Path)
+    return parser
+
+
+def _split(items: list[str]) -> tuple[list[str], dict[str, str]]:
+    names, overrides = [], {}
+    for item in items:
+        if "=" in item:
+            field, _, value = item.partition("=")
+            if not field:
+                raise ConfigError(f"override {item!r} has no field name; write FIELD=VALUE")
+            overrides[field] = value
+        else:
+            names.append(item)
+    return names, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from experiments import _suite
+
+    if args.command == "list":
+        print(_suite.describe())
+        return 0
+    out = args.out or pathlib.Path("results/quick" if args.quick else "results")
+    try:
+        names, overrides = _split(args.items)
+        plans = _suite.plan(names, overrides, seeds=args.seeds, quick=args.quick)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "report":
+        for p in plans:
+            print(_suite.write_reports(p, out))
+        _suite.write_index(out)
+        return 0
+    _suite.execute(
+        plans,
+        out,
+        progress=not args.no_progress,
+        checkpoint_seconds=args.checkpoint_seconds,
+    )
+    print(f"results: {out / 'README.md'}")
+    for p in plans:
+        print(f"  {out / p.experiment.name / 'summary.md'}")
+    return 0

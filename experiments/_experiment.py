@@ -1,0 +1,151 @@
+"""What an experiment is: a question, a typed configuration, and the runs that answer it.
+
+Each module in ``experiments/suite/`` defines one ``EXPERIMENT``; the modules
+are found by listing the package, so adding an experiment is adding a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib
+import json
+import pkgutil
+from collections.abc import Callable
+from typing import Any
+
+from experiments._config import ConfigError, TrainConfig, to_json
+from experiments._tasks import Task
+
+
+def _describe_loader(loader: Callable) -> str:
+    """``loader`` as text for fingerprints: a ``functools.partial`` with its arguments."""
+    if isinstance(loader, functools.partial):
+        func = loader.func
+        keywords = sorted(loader.keywords.items())
+        return f"{func.__module__}.{func.__qualname__}{loader.args}{keywords}"
+    return f"{loader.__module__}.{loader.__qualname__}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One model trained on one task, all seeds together.
+
+    Attributes:
+      key: unique within the experiment, used for file names (``mlp``,
+        ``cnn-depth3``).
+      model: the model's name in tables.
+      task: a loader of the dataset, a ``functools.partial`` of a cached loader
+        from ``experiments._tasks`` (its arguments enter the fingerprint).
+      settings: the resolved training settings.
+      labels: extra columns for this run's rows (``depth``, ``length``, ...).
+      build: ``build(task) -> Layer`` for an fnnet model.
+      classical: for a scikit-learn model instead, ``classical(seed) -> estimator``.
+      after: ``after(model, params, task) -> [dict]``, called once training ends with
+        the replicas' stacked params; one dict of extra columns per seed (a text
+        sample, say).
+    """
+
+    key: str
+    model: str
+    task: Callable[[], Task]
+    settings: TrainConfig
+    labels: dict[str, Any] = dataclasses.field(default_factory=dict)
+    build: Callable[[Task], Any] | None = None
+    classical: Callable[[int], Any] | None = None
+    after: Callable[..., list[dict]] | None = None
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides this run's results."""
+        facts = {
+            "key": self.key,
+            "model": self.model,
+            "settings": to_json(self.settings),
+            "labels": self.labels,
+            "task": _describe_loader(self.task),
+        }
+        text = json.dumps(facts, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    @property
+    def work(self) -> int:
+        """Units of progress this run contributes (steps; 1 for a classical model)."""
+        return self.settings.steps if self.classical is None else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """An experiment definition.
+
+    Attributes:
+      name: the command-line name.
+      title: a heading.
+      question: the question it answers, in one or two sentences.
+      config: the default configuration (a dataclass, usually a ``TrainConfig``
+        subclass with the experiment's own fields).
+      quick: overrides applied by ``--quick`` (same syntax as the command line).
+      runs: ``runs(config, explicit) -> [Run]``; ``explicit`` holds the fields set on
+        the command line or by ``--quick``, which a model's own settings must not change.
+      answer: ``answer(config, rows) -> markdown``: what the numbers say, and any
+        extra tables, for the summary.
+      plots: ``plots(config, rows, curves, out_dir) -> [file names]`` beyond the
+        standard ones (learning curves, metric against parameters and time).
+      reference: markdown for the summary's reference section (published numbers).
+    """
+
+    name: str
+    title: str
+    question: str
+    config: Any
+    runs: Callable[[Any, set[str]], list[Run]]
+    answer: Callable[[Any, list[dict]], str]
+    quick: dict[str, str] = dataclasses.field(default_factory=dict)
+    plots: Callable[..., list[str]] | None = None
+    reference: str = ""
+
+
+def discover() -> dict[str, Experiment]:
+    """Every experiment in ``experiments.suite``, in the order of their ``ORDER``."""
+    from experiments import suite
+
+    found = []
+    for info in pkgutil.iter_modules(suite.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"experiments.suite.{info.name}")
+        experiment = getattr(module, "EXPERIMENT", None)
+        if not isinstance(experiment, Experiment):
+            raise TypeError(f"experiments/suite/{info.name}.py defines no EXPERIMENT")
+        found.append((getattr(module, "ORDER", 100), experiment))
+    found.sort(key=lambda pair: (pair[0], pair[1].name))
+    names = [e.name for _, e in found]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two experiments share a name: {names}")
+    return {e.name: e for _, e in found}
+
+
+def resolve_names(requested: list[str], known: dict[str, Experiment]) -> list[str]:
+    """Experiment names in suite order; ``all`` (or nothing) means every one."""
+    if not requested or requested == ["all"]:
+        return list(known)
+    unknown = [n for n in requested if n not in known]
+    if unknown:
+        raise ConfigError(
+            f"unknown experiment {', '.join(map(repr, unknown))}; valid: "
+            f"{', '.join(known)} (or all)"
+        )
+    return [n for n in known if n in requested]
+
+
+def settings_for(config: Any, model: str, kind: str, explicit: set[str], **changes) -> TrainConfig:
+    """The training settings of one run: the experiment's, then the model's own
+    settings for this kind of data (``ModelEntry.settings``) except fields the user
+    set explicitly, then ``changes``."""
+    from experiments._models import get
+
+    base = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+    own = get(model).settings.get(kind, {})
+    base.update({k: v for k, v in own.items() if k not in explicit})
+    base.update(changes)
+    return TrainConfig(**base)

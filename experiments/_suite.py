@@ -1,0 +1,332 @@
+"""Plans, runs and reports a suite of experiments.
+
+``plan`` resolves every configuration and enumerates every run before anything
+trains, so a bad field, value or model name fails in a second, not after ten
+minutes. ``execute`` trains what is not finished (a finished run has a record
+under ``OUT/NAME/runs/``; an unfinished one resumes from its checkpoint under
+``OUT/NAME/checkpoints/``) with one progress bar for the whole suite, then
+``write_reports`` turns the records into tables, plots and summaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import pathlib
+import time
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from experiments import _report
+from experiments._config import ConfigError, apply_overrides, field_names, to_json
+from experiments._experiment import Experiment, Run, discover, resolve_names
+from experiments._models import MODELS
+from experiments._train import train_classical, train_fnnet
+
+
+@dataclasses.dataclass
+class Plan:
+    experiment: Experiment
+    config: Any
+    runs: list[Run]
+    command: str
+
+
+def plan(
+    names: list[str],
+    overrides: dict[str, str],
+    *,
+    seeds: int | None = None,
+    quick: bool = False,
+) -> list[Plan]:
+    """Resolves configurations and runs; raises :class:`ConfigError` on anything invalid.
+
+    An override applies to every chosen experiment whose configuration has that
+    field; a field no chosen experiment has is an error.
+    """
+    known = discover()
+    chosen = resolve_names(names, known)
+    unused = set(overrides)
+    if seeds is not None:
+        if seeds <= 0:
+            raise ConfigError(f"--seeds must be a positive integer, got {seeds}")
+        overrides = {**overrides, "seeds": str(seeds)}
+    plans = []
+    for name in chosen:
+        experiment = known[name]
+        config = experiment.config
+        if quick:
+            config = apply_overrides(config, experiment.quick)
+        mine = {k: v for k, v in overrides.items() if k in field_names(config)}
+        unused -= set(mine)
+        try:
+            config = apply_overrides(config, mine)
+            if hasattr(config, "check"):
+                config.check()
+            explicit = set(mine) | (set(experiment.quick) if quick else set())
+            runs = experiment.runs(config, explicit)
+            for run in runs:
+                run.settings.check()
+        except ConfigError as e:
+            raise ConfigError(f"experiment {name}: {e}") from None
+        except KeyError as e:
+            raise ConfigError(f"experiment {name}: {e.args[0]}") from None
+        keys = [r.key for r in runs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"experiment {name} defines two runs with the same key: {keys}")
+        words = ["python -m experiments run", name, *(f"{k}={v}" for k, v in mine.items())]
+        if quick:
+            words.append("--quick")
+        plans.append(Plan(experiment, config, runs, " ".join(words)))
+    if unused:
+        valid = sorted({f for p in plans for f in field_names(p.config)})
+        raise ConfigError(
+            f"no chosen experiment has a field {', '.join(map(repr, sorted(unused)))}; "
+            f"valid fields: {', '.join(valid)}"
+        )
+    return plans
+
+
+def _record_path(out: pathlib.Path, name: str, run: Run) -> pathlib.Path:
+    return out / name / "runs" / f"{run.key}-{run.fingerprint()}.json"
+
+
+def _checkpoint_dir(out: pathlib.Path, name: str, run: Run) -> pathlib.Path:
+    return out / name / "checkpoints" / f"{run.key}-{run.fingerprint()}"
+
+
+def load_record(out: pathlib.Path, name: str, run: Run) -> dict | None:
+    path = _record_path(out, name, run)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a damaged record is retrained, not trusted
+
+
+def execute(
+    plans: list[Plan],
+    out: pathlib.Path,
+    *,
+    progress: bool = True,
+    checkpoint_seconds: float = 30.0,
+) -> None:
+    """Trains every unfinished run of every plan, then writes each experiment's reports."""
+    todo = [
+        (p, run)
+        for p in plans
+        for run in p.runs
+        if load_record(out, p.experiment.name, run) is None
+    ]
+    pending = {id(run) for _, run in todo}
+    total = sum(run.work for _, run in todo)
+    done = len([1 for p in plans for _ in p.runs]) - len(todo)
+    bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True)
+    if done:
+        bar.write(f"{done} finished runs found under {out}; skipping them")
+    try:
+        for p in plans:
+            name = p.experiment.name
+            for run in p.runs:
+                if id(run) not in pending:
+                    continue
+                bar.set_description(f"{name}/{run.key}")
+                start = time.perf_counter()
+                target = bar.n + run.work
+
+                def advance(n, bar=bar, target=target):
+                    bar.update(min(n, target - bar.n))
+
+                task = run.task()
+                if run.classical is not None:
+                    rows, curves = train_classical(run, task, advance=advance)
+                else:
+                    rows, curves = train_fnnet(
+                        run,
+                        task,
+                        _checkpoint_dir(out, name, run),
+                        checkpoint_seconds=checkpoint_seconds,
+                        advance=advance,
+                    )
+                advance(target - bar.n)
+                record = {
+                    "key": run.key,
+                    "model": run.model,
+                    "fingerprint": run.fingerprint(),
+                    "labels": run.labels,
+                    "settings": to_json(run.settings),
+                    "task": task.name,
+                    "rows": rows,
+                    "curves": curves,
+                    "wall_seconds": round(time.perf_counter() - start, 3),
+                    "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                }
+                _report.write_atomic(
+                    _record_path(out, name, run), json.dumps(record, indent=1, default=float)
+                )
+            write_reports(p, out)
+    finally:
+        bar.close()
+    write_index(out)
+
+
+def records(p: Plan, out: pathlib.Path) -> list[dict]:
+    """The finished records of a plan's runs (missing ones are left out)."""
+    found = [load_record(out, p.experiment.name, run) for run in p.runs]
+    return [r for r in found if r is not None]
+
+
+def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
+    """``results.csv``, ``curves.csv``, ``config.json``, ``env.json``, plots and
+    ``summary.md`` for one experiment, from its run records."""
+    e = p.experiment
+    directory = out / e.name
+    recs = records(p, out)
+    rows = [row for r in recs for row in r["rows"]]
+    curves = [{"model": r["model"], **r["labels"], **c} for r in recs for c in r["curves"]]
+    _report.write_csv(directory / "results.csv", rows)
+    _report.write_csv(directory / "curves.csv", curves)
+    config = {
+        "experiment": e.name,
+        "config": to_json(p.config),
+        "runs": {r["key"]: {"settings": r["settings"], "task": r["task"]} for r in recs},
+        "command": p.command,
+    }
+    _report.write_atomic(directory / "config.json", json.dumps(config, indent=1))
+    env = _report.environment()
+    _report.write_atomic(directory / "env.json", json.dumps(env, indent=1))
+
+    labels = [k for k in (recs[0]["labels"] if recs else {})]
+    headline = (
+        "test_bits_per_char" if any("test_bits_per_char" in r for r in rows) else ("test_accuracy")
+    )
+    what = "validation bits per character" if "bits" in headline else "test accuracy"
+    plots = [
+        _report.plot_curves(
+            directory / "learning_curves.png",
+            curves,
+            headline,
+            labels=labels,
+            title=f"{e.title}: learning curves (mean over seeds, band: min to max)",
+            ylabel=what,
+        ),
+        _report.plot_scatter(
+            directory / "metric_vs_params.png",
+            rows,
+            "params",
+            headline,
+            labels=labels,
+            title=f"{e.title}: {what} against size",
+            xlabel="parameters (fitted numbers for scikit-learn models)",
+            ylabel=what,
+        ),
+        _report.plot_scatter(
+            directory / "metric_vs_time.png",
+            rows,
+            "train_seconds",
+            headline,
+            labels=labels,
+            title=f"{e.title}: {what} against training time",
+            xlabel="training seconds (all seeds in one program, compile excluded)",
+            ylabel=what,
+        ),
+    ]
+    if e.plots is not None and rows:
+        plots += e.plots(p.config, rows, curves, directory)
+    plots = [name for name in plots if name]
+
+    missing = len(p.runs) - len(recs)
+    metric_columns = [
+        (c, h)
+        for c, h in (
+            ("test_accuracy", "test accuracy %"),
+            ("translated_accuracy", "translated accuracy %"),
+            ("train_accuracy", "train accuracy %"),
+            ("test_bits_per_char", "validation bits/char"),
+            ("train_bits_per_char", "train bits/char"),
+        )
+        if any(c in r for r in rows)
+    ]
+    percent = {c for c, _ in metric_columns if c.endswith("accuracy")}
+    parts = [f"# {e.title}", "", f"**Question.** {e.question}", ""]
+    if rows:
+        parts += ["**Answer.** " + e.answer(p.config, rows), ""]
+    if missing:
+        parts += [f"*{missing} of {len(p.runs)} runs have not finished; rerun to complete.*", ""]
+    parts += [
+        "## Results",
+        "",
+        "Mean ± standard deviation over seeds (each seed a different initialization and "
+        "data order), trained as replicas in one compiled program. *train s* is the "
+        "wall time of that program for all seeds together, compilation excluded; "
+        "*compile s* is the time JAX spent tracing and compiling for the run.",
+        "",
+        _report.summary_table(rows, ["model", *labels], metric_columns, percent=percent),
+        "",
+    ]
+    if e.reference:
+        parts += ["## Reference", "", e.reference, ""]
+    parts += ["## Plots", ""] + [f"![{n}]({n})" for n in plots] + [""]
+    parts += [
+        "## Rerun",
+        "",
+        f"`{p.command}` (the resolved configuration is in `config.json`; every row is in "
+        "`results.csv`, every evaluation in `curves.csv`).",
+        "",
+        f"Environment: jax {env['versions'].get('jax')} on {env['backend']} "
+        f"({env['device_count']} device(s), {env['cpu_count']} CPU cores), git commit "
+        f"{(env['git_commit'] or 'unknown')[:10]}{' (dirty)' if env['git_dirty'] else ''}, "
+        f"{env['date']}.",
+        "",
+    ]
+    _report.write_atomic(directory / "summary.md", "\n".join(parts))
+    return directory / "summary.md"
+
+
+def write_index(out: pathlib.Path) -> None:
+    """``OUT/README.md``: every experiment with a summary, its question and files."""
+    known = discover()
+    lines = ["# Results", "", "Written by `python -m experiments`; one folder per experiment.", ""]
+    for name, e in known.items():
+        summary = out / name / "summary.md"
+        if not summary.exists():
+            continue
+        when = datetime.datetime.fromtimestamp(summary.stat().st_mtime, datetime.UTC)
+        files = sorted(p.name for p in (out / name).iterdir() if p.is_file())
+        lines += [
+            f"## [{e.title}]({name}/summary.md)",
+            "",
+            e.question,
+            "",
+            f"Updated {when.isoformat(timespec='seconds')}. Files: "
+            + ", ".join(f"[{f}]({name}/{f})" for f in files),
+            "",
+        ]
+    _report.write_atomic(out / "README.md", "\n".join(lines))
+
+
+def _as_text(value: Any) -> str:
+    """A field's value as it would be written on the command line."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def describe() -> str:
+    """The text of ``python -m experiments list``."""
+    known = discover()
+    lines = ["Experiments (python -m experiments run NAME... | all):", ""]
+    for name, e in known.items():
+        lines.append(f"  {name:14s} {e.title}")
+        lines.append(f"  {'':14s} {e.question}")
+        fields = " ".join(f"{f}={_as_text(getattr(e.config, f))}" for f in field_names(e.config))
+        lines.append(f"  {'':14s} fields: {fields}")
+        lines.append("")
+    lines.append("Models (the registry; a comparison on a kind of data uses every model for it):")
+    lines.append("")
+    for name, entry in MODELS.items():
+        lines.append(f"  {name:12s} [{', '.join(entry.builders)}] {entry.description}")
+    return "\n".join(lines)

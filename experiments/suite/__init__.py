@@ -1,0 +1,1 @@
+"""One module per experiment; each defines EXPERIMENT (and ORDER, its place in the suite)."""

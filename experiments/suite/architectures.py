@@ -1,0 +1,111 @@
+"""Experiment 1: the four families (and a linear baseline) on MNIST-1D, against the paper."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from experiments import _report
+from experiments._config import ConfigError, TrainConfig
+from experiments._experiment import Experiment, Run, settings_for
+from experiments._models import get, models_for
+from experiments._tasks import mnist1d
+
+ORDER = 1
+
+# Greydanus and Kobak, "Scaling Down Deep Learning with MNIST-1D" (ICML 2024), test
+# accuracy in %, and the repository's notebooks rerun at 6000 steps
+# (../shared/reference/mnist1d.md).
+PAPER = {"linear": 32, "mlp": 68, "cnn": 94, "gru": 91}
+PAPER_SHUFFLED = {"linear": 32, "mlp": 68, "cnn": 56, "gru": 57}
+REPO_RERUN = {"linear": "31.5", "mlp": "65", "cnn": "92.3", "gru": "89-92"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(TrainConfig):
+    """The paper's settings: Adam at 1e-2, batch 100 in dataset order, 6000 steps.
+
+    Attributes:
+      shuffle_seq: train and test on the paper's spatially shuffled variant.
+    """
+
+    models: tuple[str, ...] = models_for("signal")
+    steps: int = 6000
+    batch_size: int = 100
+    learning_rate: float = 1e-2
+    shuffle: bool = False
+    eval_every: int = 250
+    shuffle_seq: bool = False
+
+
+def runs(config: Config, explicit: set[str]) -> list[Run]:
+    readable = models_for("signal")
+    out = []
+    for name in config.models:
+        entry = get(name)
+        if "signal" not in entry.builders:
+            raise ConfigError(
+                f"model {name!r} cannot read MNIST-1D signals; models that can: "
+                f"{', '.join(readable)}"
+            )
+        out.append(
+            Run(
+                key=name,
+                model=name,
+                task=functools.partial(mnist1d, 4000, config.shuffle_seq),
+                settings=settings_for(config, name, "signal", explicit),
+                build=entry.build,
+            )
+        )
+    return out
+
+
+def answer(config: Config, rows: list[dict]) -> str:
+    means = {m: _report.mean_of(rows, "test_accuracy", model=m) for m in config.models}
+    ranked = sorted((m for m in means if means[m] == means[m]), key=lambda m: -means[m])
+    order = ", then ".join(f"{m} ({100 * means[m]:.1f}%)" for m in ranked)
+    paper = PAPER_SHUFFLED if config.shuffle_seq else PAPER
+    gaps = [f"{m} {100 * means[m] - paper[m]:+.1f}" for m in ranked if m in paper]
+    text = (
+        f"On MNIST-1D{' (shuffled sequence)' if config.shuffle_seq else ''} the ranking is "
+        f"{order}. Against the published accuracies, in points: {', '.join(gaps) or '-'}."
+    )
+    if "transformer" in means and means["transformer"] == means["transformer"]:
+        s = [r for r in rows if r["model"] == "transformer"][0]
+        text += (
+            f" The Transformer (patches of 4 samples, warm-up and cosine schedule) "
+            f"reaches {100 * means['transformer']:.1f}% with {s['params']:,} parameters "
+            f"in {s['train_seconds']:.0f} s of training for all seeds."
+        )
+    return text
+
+
+def reference(config: Config | None = None) -> str:
+    lines = [
+        "Published test accuracy (%), Greydanus and Kobak, *Scaling Down Deep Learning "
+        "with MNIST-1D*, ICML 2024; the same models and training settings are used here "
+        "(Adam 1e-2, batch 100 in order, 6000 steps). The Transformer has no published "
+        "number.",
+        "",
+        _report.markdown_table(
+            ["model", "paper", "paper (shuffled sequence)", "repository notebooks, rerun"],
+            [[m, PAPER[m], PAPER_SHUFFLED[m], REPO_RERUN[m]] for m in PAPER],
+        ),
+    ]
+    return "\n".join(lines)
+
+
+EXPERIMENT = Experiment(
+    name="architectures",
+    title="Architectures on MNIST-1D",
+    question=(
+        "Which family of network (linear, feedforward, convolutional, recurrent, "
+        "transformer) classifies 1-D signals best, at what size and cost, and do we "
+        "reproduce the MNIST-1D paper?"
+    ),
+    config=Config(),
+    runs=runs,
+    answer=answer,
+    quick={"steps": "40", "eval_every": "20", "seeds": "2", "models": "linear,cnn"},
+    reference=reference(),
+)
