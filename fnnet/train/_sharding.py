@@ -262,7 +262,8 @@ def _checked(spec: Any, path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
         if size % ways:
             raise ValueError(
                 f"the sharding rule gave {spec} for parameter {path!r} of shape {shape}: "
-                f"dimension {dim} ({size}) cannot be split {ways} ways over {names}"
+                f"dimension {dim} ({size}) cannot be split {ways} ways over mesh axis "
+                + " x ".join(repr(n) for n in names)
             )
     return spec
 
