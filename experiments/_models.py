@@ -155,8 +155,8 @@ register(
 )
 
 # The Transformer has no MNIST-1D reference. One token per sample (40 tokens of one
-# value) trains poorly; patches of 4 samples (10 tokens), warm-up and a cosine
-# schedule at a lower learning rate give it a fair chance.
+# value) trains poorly (about 50-58% after 1000 steps); patches of 4 samples (10
+# tokens), warm-up and a cosine schedule at a lower learning rate give it a fair chance.
 register(
     "transformer",
     "transformer",
@@ -174,7 +174,14 @@ register(
         ),
     },
     settings={
-        "signal": {"learning_rate": 3e-3, "schedule": "cosine", "warmup_steps": 300},
+        # Its test accuracy levels off by step 3000 (a 6000-step run measured 86.0%
+        # at 3000 and 86.5% at 6000), so it takes half the paper's steps.
+        "signal": {
+            "learning_rate": 3e-3,
+            "schedule": "cosine",
+            "warmup_steps": 300,
+            "steps": 3000,
+        },
         "sequence": {"learning_rate": 3e-3, "schedule": "cosine", "warmup_steps": 100},
         "text": {"learning_rate": 3e-3, "schedule": "cosine", "warmup_steps": 100},
     },

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import json
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -126,7 +127,7 @@ def execute(
     done = len([1 for p in plans for _ in p.runs]) - len(todo)
     bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True)
     if done:
-        bar.write(f"{done} finished runs found under {out}; skipping them")
+        bar.write(f"{done} finished runs found under {out}; skipping them", file=sys.stderr)
     try:
         for p in plans:
             name = p.experiment.name

@@ -133,8 +133,8 @@ def test_quick_suite_writes_every_output(quick_suite, name):
         assert row["status"] == "ok"
         value = float(row[metric])
         assert (0 <= value <= 1) if metric == "test_accuracy" else (0 < value < 8)
-    seeds = {(r["model"], r["seed"]) for r in rows}
-    assert len(seeds) == len(rows)
+    identity = list(rows[0])[: list(rows[0]).index("seed") + 1]  # model, labels, seed
+    assert len({tuple(r[k] for k in identity) for r in rows}) == len(rows)
 
     summary = (directory / "summary.md").read_text()
     assert "**Question.**" in summary and "**Answer.**" in summary

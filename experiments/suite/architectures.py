@@ -73,9 +73,10 @@ def answer(config: Config, rows: list[dict]) -> str:
     if "transformer" in means and means["transformer"] == means["transformer"]:
         s = [r for r in rows if r["model"] == "transformer"][0]
         text += (
-            f" The Transformer (patches of 4 samples, warm-up and cosine schedule) "
-            f"reaches {100 * means['transformer']:.1f}% with {s['params']:,} parameters "
-            f"in {s['train_seconds']:.0f} s of training for all seeds."
+            f" The Transformer (patches of 4 samples, warm-up and a cosine schedule over "
+            f"{s['steps']} steps) reaches {100 * means['transformer']:.1f}% with "
+            f"{s['params']:,} parameters in {s['train_seconds']:.0f} s of training for "
+            f"all seeds."
         )
     return text
 
