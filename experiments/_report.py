@@ -187,7 +187,7 @@ def _pyplot():
 
 
 def run_label(row: dict, labels: Sequence[str]) -> str:
-    extra = ", ".join(f"{k}={row[k]}" for k in labels if k in row)
+    extra = ", ".join(f"{k}={row[k]}" for k in labels if row.get(k) is not None)
     return f"{row['model']} ({extra})" if extra else str(row["model"])
 
 
@@ -205,22 +205,35 @@ def plot_curves(
     if not chosen:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    # One colour per model; runs of the same model differ in line style and marker.
+    models = list(dict.fromkeys(c["model"] for c in chosen))
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "v", "D", "x"]
+    seen: dict[str, int] = {}
     for _, members in groups(chosen, ["model", *labels]):
+        model = members[0]["model"]
+        k = seen[model] = seen.get(model, -1) + 1
+        color = plt.cm.tab10(models.index(model) % 10)
         steps = sorted({m["step"] for m in members})
         values = np.array(
             [[m[column] for m in members if m["step"] == s] for s in steps], dtype=float
         )
-        mean = np.nanmean(values, axis=1)
-        (line,) = ax.plot(steps, mean, label=run_label(members[0], labels))
-        ax.fill_between(
-            steps, np.nanmin(values, 1), np.nanmax(values, 1), alpha=0.2, color=line.get_color()
+        ax.plot(
+            steps,
+            np.nanmean(values, axis=1),
+            linestyle=styles[k % len(styles)],
+            marker=markers[(k // len(styles)) % len(markers)] if len(steps) < 30 else None,
+            markersize=3,
+            color=color,
+            label=run_label(members[0], labels),
         )
+        ax.fill_between(steps, np.nanmin(values, 1), np.nanmax(values, 1), alpha=0.15, color=color)
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -258,7 +271,7 @@ def plot_scatter(
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -304,7 +317,7 @@ def plot_lines(
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -211,7 +211,7 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
             curves,
             headline,
             labels=labels,
-            title=f"{e.title}: learning curves (mean over seeds, band: min to max)",
+            title=f"{e.title}: learning curves (mean over seeds; band: min to max)",
             ylabel=what,
         ),
         _report.plot_scatter(

@@ -75,7 +75,7 @@ def test_model_settings_apply_unless_the_user_sets_the_field():
         (["depth"], {"steps": "many"}, "steps='many' is not valid; expected an integer"),
         (["depth"], {"optimizer": "rmsprop"}, "choose one of ['adam', 'adamw', 'sgd']"),
         (["depth"], {"shuffle": "maybe"}, "expected true or false"),
-        (["depth"], {"eval_every": "700"}, "eval_every (700) must divide steps (3000)"),
+        (["depth"], {"eval_every": "700"}, "eval_every (700) must divide steps (2000)"),
         (["depth"], {"learning_rate": "-1"}, "learning_rate must be positive"),
         (["architectures"], {"models": "mlp,resnet"}, "unknown model 'resnet'; registered"),
         (["architectures"], {"models": "lstm"}, "cannot read MNIST-1D signals; models that can"),
@@ -103,7 +103,7 @@ def test_list_shows_experiments_fields_and_the_model_registry(capsys):
     out = capsys.readouterr().out
     for name in SUITE:
         assert name in out
-    assert "steps=6000" in out and "depths=1,2,3,4,6,8" in out
+    assert "steps=6000" in out and "depths=1,2,4,8" in out
     assert "transformer  [signal, sequence, text]" in out
 
 

@@ -26,10 +26,10 @@ class Config(TrainConfig):
     """
 
     models: tuple[str, ...] = FAMILIES
-    steps: int = 3000
+    steps: int = 2000
     learning_rate: float = 3e-3
     eval_every: int = 500
-    depths: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    depths: tuple[int, ...] = (1, 2, 4, 8)
     width: int = 100
     channels: int = 25
 

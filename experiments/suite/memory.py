@@ -25,13 +25,13 @@ class Config(TrainConfig):
     """
 
     models: tuple[str, ...] = models_for("sequence")
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 64
     learning_rate: float = 3e-3
     clip_norm: float = 1.0
-    eval_every: int = 500
+    eval_every: int = 250
     seeds: int = 2
-    lengths: tuple[int, ...] = (10, 20, 40, 80)
+    lengths: tuple[int, ...] = (10, 20, 40)
     num_train: int = 8000
 
     def check(self) -> None:
@@ -106,7 +106,7 @@ EXPERIMENT = Experiment(
     question=(
         "Which networks can carry information across a growing delay: an MLP, a "
         "simple RNN, an LSTM, a GRU or a Transformer, asked to recall a marked token "
-        "after 5 to 80 steps?"
+        "5 to 40 steps later?"
     ),
     config=Config(),
     runs=runs,

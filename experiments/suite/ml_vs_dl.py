@@ -58,10 +58,10 @@ class Config(TrainConfig):
     """
 
     models: tuple[str, ...] = ("linear", "mlp", "cnn")
-    steps: int = 3000
+    steps: int = 2000
     learning_rate: float = 3e-3
     eval_every: int = 500
-    train_sizes: tuple[int, ...] = (500, 1000, 2000, 4000, 8000, 16000)
+    train_sizes: tuple[int, ...] = (500, 1000, 4000, 16000)
     datasets: tuple[str, ...] = TABULAR
     tabular_models: tuple[str, ...] = models_for("tabular")
     classical_models: tuple[str, ...] = tuple(CLASSICAL)
