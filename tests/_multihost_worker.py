@@ -17,18 +17,14 @@ import pathlib
 import sys
 
 import jax
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+import fnnet
+from fnnet import train
 
 DEVICES_PER_PROCESS = 4
-
-jax.config.update("jax_num_cpu_devices", DEVICES_PER_PROCESS)
-
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-
-import fnnet  # noqa: E402
-from fnnet import train  # noqa: E402
-
 STEPS = 3
 BATCH = 16
 EXAMPLES = 64
@@ -92,4 +88,6 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    # Here, not at import: the test imports this module after JAX has started.
+    jax.config.update("jax_num_cpu_devices", DEVICES_PER_PROCESS)
     main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

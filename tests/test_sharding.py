@@ -255,6 +255,8 @@ def test_sharded_step_refuses_explicit_meshes_and_uneven_batches(mesh):
         jax.eval_shape(train.sharded_step(step, mesh), state, (x[:12], y[:12]))
     with pytest.raises(ValueError, match="cannot be split over the 8 devices"):
         train.shard_data((x[:12], y[:12]), mesh)
+    with pytest.raises(ValueError, match=r"sharded_step: axis 'batch' is not one of \('data',\)"):
+        train.sharded_step(step, mesh, batch_axis="batch")
 
 
 def test_process_rows_in_one_process():

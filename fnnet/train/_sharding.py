@@ -410,8 +410,8 @@ def sharded_step(step_fn: Callable, mesh: Mesh, *, rule: Rule = None, batch_axis
             "Build the mesh with mesh_from_spec (Auto by default) or pass "
             "axis_types=(AxisType.Auto, ...) to jax.make_mesh."
         )
+    ways = 1 if batch_axis is None else _axis_size(mesh, batch_axis, "sharded_step")
     batch_sharding = None if batch_axis is None else NamedSharding(mesh, P(batch_axis))
-    ways = 1 if batch_axis is None else math.prod(mesh.shape[a] for a in _names(batch_axis))
 
     def step(state: TrainState, batch: Any):
         if batch_sharding is not None:
@@ -478,8 +478,13 @@ def make_sharded_steps(
     return run
 
 
-def _names(axis: str | tuple[str, ...]) -> tuple[str, ...]:
-    return axis if isinstance(axis, tuple) else (axis,)
+def _axis_size(mesh: Mesh, axis: str | tuple[str, ...], where: str) -> int:
+    """The number of devices along ``axis`` (a name or a tuple of names) of ``mesh``."""
+    names = axis if isinstance(axis, tuple) else (axis,)
+    unknown = [n for n in names if n not in mesh.shape]
+    if unknown:
+        raise ValueError(f"{where}: axis {unknown[0]!r} is not one of {tuple(mesh.axis_names)}")
+    return math.prod(mesh.shape[n] for n in names)
 
 
 def process_rows(num_examples: int) -> slice:
@@ -513,8 +518,8 @@ def shard_data(local: Any, mesh: Mesh, *, axis: str | tuple[str, ...] = "data") 
       The same pytree of global ``jax.Array`` whose leading size is the sum over
       processes.
     """
+    ways = _axis_size(mesh, axis, "shard_data")
     sharding = NamedSharding(mesh, P(axis))
-    ways = math.prod(mesh.shape[a] for a in _names(axis))
 
     def one(keypath, leaf):
         host = np.asarray(leaf)
