@@ -118,7 +118,7 @@ up() {
         sudo apt-get -qq update && sudo apt-get -qq install -y $python $python-venv
         rm -rf ~/fnnet && mkdir ~/fnnet && tar -xzf ~/fnnet.tar.gz -C ~/fnnet
         cd ~/fnnet && $python -m venv .venv
-        .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[test]' 'jax[tpu]'
+        .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[experiments]' 'jax[tpu]'
         .venv/bin/python -c 'from fnnet import train; print(train.require_backend(\"tpu\"))'"
 }
 
