@@ -130,12 +130,12 @@ register(
 register(
     "lstm",
     "recurrent",
-    "LSTM, 64 units on sequences; 192 units after a 64-wide embedding on text",
+    "LSTM, 64 units on sequences; 128 units after a 64-wide embedding on text",
     {
         "sequence": lambda t: models.rnn(_classes(t), 64, cell="lstm"),
         "text": lambda t: fnnet.serial(
             embed=fnnet.embedding(t.num_classes, 64),
-            rnn=models.rnn(t.num_classes, 192, cell="lstm", output="sequence"),
+            rnn=models.rnn(t.num_classes, 128, cell="lstm", output="sequence"),
         ),
     },
     settings={"text": {"learning_rate": 3e-3, "clip_norm": 1.0}},
@@ -161,7 +161,7 @@ register(
     "transformer",
     "transformer",
     "pre-norm Transformer encoder, width 32, 2 blocks, 4 heads, mean-pooled "
-    "(patches of 4 samples on signals); decoder-only, width 96, 2 blocks on text",
+    "(patches of 4 samples on signals); decoder-only, width 64, 2 blocks on text",
     {
         "signal": lambda t: models.transformer_classifier(
             _classes(t), width=32, depth=2, num_heads=4, patch_size=4, max_len=16
@@ -170,7 +170,7 @@ register(
             _classes(t), width=32, depth=2, num_heads=4, max_len=t.example.shape[0]
         ),
         "text": lambda t: models.transformer_lm(
-            t.num_classes, width=96, depth=2, num_heads=4, max_len=t.info["context"]
+            t.num_classes, width=64, depth=2, num_heads=4, max_len=t.info["context"]
         ),
     },
     settings={

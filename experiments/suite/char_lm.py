@@ -30,7 +30,7 @@ class Config(TrainConfig):
     """
 
     models: tuple[str, ...] = models_for("text")
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 32
     learning_rate: float = 3e-3
     eval_every: int = 250
