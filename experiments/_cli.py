@@ -29,6 +29,26 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=pathlib.Path, help="output folder (default results/)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
+        "--mesh",
+        help="devices to train over, e.g. data=8 (default: every device found, on a "
+        "'data' axis; one device trains as usual)",
+    )
+    run.add_argument(
+        "--device",
+        choices=("cpu", "gpu", "tpu"),
+        help="require this backend: an error, never a silent CPU run, if it is absent",
+    )
+    run.add_argument(
+        "--precision",
+        choices=("default", "high", "highest"),
+        help="float32 matmul precision (jax_default_matmul_precision; see docs/tpu.md)",
+    )
+    run.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-host run first (jax.distributed.initialize, as on a TPU slice)",
+    )
+    run.add_argument(
         "--checkpoint-seconds",
         type=float,
         default=30.0,
@@ -55,6 +75,21 @@ def _split(items: list[str]) -> tuple[list[str], dict[str, str]]:
     return names, overrides
 
 
+def _mesh(spec: str | None):
+    """The mesh for ``--mesh``; by default a ``data`` axis over every device, or None
+    on a single device (which trains without any sharding machinery)."""
+    import jax
+
+    from fnnet import train
+
+    if spec is None:
+        return train.mesh_from_spec("data") if len(jax.devices()) > 1 else None
+    mesh = train.mesh_from_spec(spec)
+    if "data" not in mesh.axis_names:
+        raise ValueError(f"--mesh {spec}: the runner splits work over an axis named data")
+    return mesh
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from experiments import _suite
@@ -74,11 +109,25 @@ def main(argv: list[str] | None = None) -> int:
             print(_suite.write_reports(p, out))
         _suite.write_index(out)
         return 0
+    from fnnet import train
+
+    try:
+        if args.distributed:
+            train.init_distributed()
+        if args.device is not None:
+            train.require_backend(args.device)
+        if args.precision is not None:
+            train.set_matmul_precision(args.precision)
+        mesh = _mesh(args.mesh)
+    except (train.BackendError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     _suite.execute(
         plans,
         out,
         progress=not args.no_progress,
         checkpoint_seconds=args.checkpoint_seconds,
+        mesh=mesh,
     )
     print(f"results: {out / 'README.md'}")
     for p in plans:

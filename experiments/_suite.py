@@ -114,8 +114,19 @@ def execute(
     *,
     progress: bool = True,
     checkpoint_seconds: float = 30.0,
+    mesh=None,
 ) -> None:
-    """Trains every unfinished run of every plan, then writes each experiment's reports."""
+    """Trains every unfinished run of every plan, then writes each experiment's reports.
+
+    With a ``mesh``, runs train over its devices (``experiments._train.placement``).
+    With several processes (``jax.distributed``) every process trains every run and
+    saves checkpoints together; only process 0 shows progress and writes records,
+    tables and plots.
+    """
+    import jax
+
+    primary = jax.process_index() == 0
+    progress = progress and primary
     todo = [
         (p, run)
         for p in plans
@@ -151,6 +162,7 @@ def execute(
                         _checkpoint_dir(out, name, run),
                         checkpoint_seconds=checkpoint_seconds,
                         advance=advance,
+                        mesh=mesh,
                     )
                 advance(target - bar.n)
                 record = {
@@ -163,15 +175,19 @@ def execute(
                     "rows": rows,
                     "curves": curves,
                     "wall_seconds": round(time.perf_counter() - start, 3),
+                    "mesh": None if mesh is None else dict(mesh.shape),
                     "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 }
-                _report.write_atomic(
-                    _record_path(out, name, run), json.dumps(record, indent=1, default=float)
-                )
-            write_reports(p, out)
+                if primary:
+                    _report.write_atomic(
+                        _record_path(out, name, run), json.dumps(record, indent=1, default=float)
+                    )
+            if primary:
+                write_reports(p, out)
     finally:
         bar.close()
-    write_index(out)
+    if primary:
+        write_index(out)
 
 
 def records(p: Plan, out: pathlib.Path) -> list[dict]:

@@ -143,6 +143,25 @@ def _evaluate_replicas(model, state, data, metric_fns, replicas) -> list[dict[st
     ]
 
 
+def placement(mesh, seeds: int, batch_size: int) -> dict[str, Any]:
+    """How a run uses a mesh's ``data`` axis: whole replicas per device when the
+    seeds divide evenly over it (no communication between devices at all), else
+    every replica's batch split over the devices (data parallelism).
+
+    Raises:
+      ValueError: neither the seeds nor the batch divide over the axis.
+    """
+    ways = mesh.shape["data"]
+    if seeds % ways == 0:
+        return {"replica_axis": "data", "batch_axis": None}
+    if batch_size % ways == 0:
+        return {"replica_axis": None, "batch_axis": "data"}
+    raise ValueError(
+        f"the mesh's data axis has {ways} devices, which divide neither the {seeds} seeds "
+        f"nor the batch of {batch_size}; choose --mesh data=N with N dividing one of them"
+    )
+
+
 def train_fnnet(
     run: Run,
     task: Task,
@@ -150,11 +169,14 @@ def train_fnnet(
     *,
     checkpoint_seconds: float,
     advance: Callable[[int], None],
+    mesh=None,
 ) -> tuple[list[dict], list[dict]]:
     """Trains ``run``'s seeds together; returns ``(rows, curves)``.
 
     ``rows``: one dict per seed with the final metrics; ``curves``: one dict per
-    (evaluation, seed). ``advance(n)`` is told of every ``n`` steps done.
+    (evaluation, seed). ``advance(n)`` is told of every ``n`` steps done. With a
+    ``mesh`` (a ``data`` axis of more than one device) the program runs over it:
+    see :func:`placement`.
     """
     s = run.settings
     model = run.build(task)
@@ -171,14 +193,18 @@ def train_fnnet(
         train.softmax_cross_entropy,
         metric_fns={k: v for k, v in metric_fns.items() if k != "loss"},
     )
-    run_chunk = train.make_fused_steps(
-        step_fn,
-        task.train,
-        batch_size=s.batch_size,
-        num_steps=s.eval_every,
-        shuffle=s.shuffle,
-        replicated=True,
-    )
+    fused = {
+        "batch_size": s.batch_size,
+        "num_steps": s.eval_every,
+        "shuffle": s.shuffle,
+        "replicated": True,
+    }
+    if mesh is not None and mesh.size > 1:
+        where = placement(mesh, s.seeds, s.batch_size)
+        state = train.shard_state(state, mesh, replica_axis=where["replica_axis"])
+        run_chunk = train.make_sharded_steps(step_fn, task.train, mesh, **where, **fused)
+    else:
+        run_chunk = train.make_fused_steps(step_fn, task.train, **fused)
     manager = CheckpointManager(checkpoint_dir, keep=1)
     curves: list[dict] = []
     train_seconds = compile_seconds = 0.0

@@ -236,3 +236,47 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_matches_an_unbroken_one(tm
     curve_a = _csv(broken / "architectures" / "curves.csv")
     curve_b = _csv(unbroken / "architectures" / "curves.csv")
     assert [(r["step"], r["seed"]) for r in curve_a] == [(r["step"], r["seed"]) for r in curve_b]
+
+
+# --- Many devices (the suite runs with 8 simulated CPU devices) ---------------------------
+
+
+@pytest.mark.parametrize("spec", ["data=2", "data=4"])
+def test_runs_over_a_mesh_match_one_device(tmp_path, spec):
+    """data=2: one seed per device; data=4: each seed's batch split over 4 devices."""
+    from fnnet import train
+
+    overrides = {"models": "mlp", "seeds": "2"}
+    (plan,) = _suite.plan(["architectures"], overrides, quick=True)
+    _suite.execute([plan], tmp_path / "one", progress=False)
+    mesh = train.mesh_from_spec(spec)
+    (plan,) = _suite.plan(["architectures"], overrides, quick=True)
+    _suite.execute([plan], tmp_path / "mesh", progress=False, mesh=mesh)
+    one = _csv(tmp_path / "one" / "architectures" / "results.csv")
+    many = _csv(tmp_path / "mesh" / "architectures" / "results.csv")
+    for column in ("train_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(
+            [float(r[column]) for r in many], [float(r[column]) for r in one], rtol=2e-4
+        )
+    (record,) = (tmp_path / "mesh" / "architectures" / "runs").glob("*.json")
+    assert json.loads(record.read_text())["mesh"] == {"data": int(spec.split("=")[1])}
+
+
+def test_a_mesh_that_divides_neither_seeds_nor_batch_is_an_error():
+    from experiments._train import placement
+    from fnnet import train
+
+    with pytest.raises(ValueError, match="divide neither the 3 seeds nor the batch of 100"):
+        placement(train.mesh_from_spec("data=8"), 3, 100)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--device", "tpu"], "tpu"), (["--mesh", "data=64"], "64"), (["--mesh", "x=2"], "data")],
+)
+def test_asking_for_absent_devices_is_an_error_not_a_cpu_run(capsys, tmp_path, flags, message):
+    code = _cli.main(["run", "depth", "--quick", "--out", str(tmp_path), *flags])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not any(tmp_path.iterdir())
