@@ -234,3 +234,18 @@ def test_deep_stacks_compile_one_block(rng):
         return len(jax.jit(lm.apply).lower(params, tokens).as_text())
 
     assert program_size(8) < 1.1 * program_size(2)
+
+
+def test_attention_implementation_reaches_every_blocks_attention(rng):
+    """The models pass ``attention_implementation`` down (``"cudnn"`` selects the fused
+    GPU kernel); ``"xla"`` computes what the default does, and a bad name fails at once."""
+    tokens = jnp.asarray(rng.integers(0, 11, size=(6,)), jnp.int32)
+    default = M.transformer_lm(11, width=8, depth=2, num_heads=2, max_len=6)
+    xla = M.transformer_lm(
+        11, width=8, depth=2, num_heads=2, max_len=6, attention_implementation="xla"
+    )
+    params = default.init(jax.random.key(0), tokens)
+    np.testing.assert_array_equal(default.apply(params, tokens), xla.apply(params, tokens))
+    assert fnnet.models.config_of(xla)["kwargs"]["attention_implementation"] == "xla"
+    with pytest.raises(fnnet.LayerError, match="implementation must be one of"):
+        M.transformer_classifier(3, width=8, num_heads=2, attention_implementation="flash")

@@ -37,6 +37,7 @@ def transformer_block(
     activation: str | Callable = "gelu",
     rotary: bool = False,
     norm: str = "layer_norm",
+    attention_implementation: str | None = None,
 ) -> Layer:
     """A pre-norm transformer block: self-attention and an MLP, each in a residual.
 
@@ -54,6 +55,8 @@ def transformer_block(
       activation: the MLP's nonlinearity, a name (``"gelu"``, ``"relu"``, ...) or a function.
       rotary: rotary position embeddings in the attention.
       norm: ``"layer_norm"`` or ``"rms_norm"``.
+      attention_implementation: ``None``/``"xla"``, or ``"cudnn"`` for the fused
+        cuDNN attention kernel on NVIDIA GPUs (see :func:`fnnet.multi_head_attention`).
 
     Input: ``(seq, features)``. Output: ``(seq, features)``.
 
@@ -67,7 +70,13 @@ def transformer_block(
     if norm not in _NORMS:
         errors.fail(_KIND, f"norm must be one of {sorted(_NORMS)}, got {norm!r}")
     act = activation_layer(activation)  # fails here, at construction, on an unknown name
-    attn = multi_head_attention(num_heads, num_kv_heads=num_kv_heads, causal=causal, rotary=rotary)
+    attn = multi_head_attention(
+        num_heads,
+        num_kv_heads=num_kv_heads,
+        causal=causal,
+        rotary=rotary,
+        implementation=attention_implementation,
+    )
     ln1, ln2 = _NORMS[norm](), _NORMS[norm]()
     drop = dropout(dropout_rate)
 

@@ -61,6 +61,7 @@ def transformer_classifier(
     max_len: int = 512,
     position: str = "learned",
     dropout_rate: float = 0.0,
+    attention_implementation: str | None = None,
 ) -> Layer:
     """An encoder: embed tokens, ``depth`` transformer blocks, mean-pool, classify.
 
@@ -79,6 +80,8 @@ def transformer_classifier(
       max_len: the most tokens a learned position table holds.
       position: ``"learned"``, ``"sinusoidal"`` or ``"rotary"``.
       dropout_rate: dropout on residual branches while training.
+      attention_implementation: ``None``/``"xla"``, or ``"cudnn"`` for the fused
+        cuDNN attention kernel on NVIDIA GPUs.
 
     Input: ``(seq,)`` int ids with ``vocab``; else ``(seq,)`` or ``(seq, features)``
     real values. Keyword ``mask`` (``(seq,)`` bool, after patching: one per token)
@@ -99,6 +102,7 @@ def transformer_classifier(
         num_kv_heads=num_kv_heads,
         dropout_rate=dropout_rate,
         rotary=position == "rotary",
+        attention_implementation=attention_implementation,
     )
     children: dict[str, Layer] = {
         "embed": embedding(vocab, width) if vocab is not None else dense(width),
@@ -182,6 +186,7 @@ def transformer_lm(
     position: str = "rotary",
     tie_embeddings: bool = True,
     dropout_rate: float = 0.0,
+    attention_implementation: str | None = None,
 ) -> Layer:
     """A decoder-only language model (the GPT recipe): predict each next token.
 
@@ -191,8 +196,8 @@ def transformer_lm(
 
     Args:
       vocab: number of token ids.
-      width, depth, num_heads, num_kv_heads, mlp_ratio, dropout_rate: as in
-        :func:`transformer_classifier`.
+      width, depth, num_heads, num_kv_heads, mlp_ratio, dropout_rate,
+        attention_implementation: as in :func:`transformer_classifier`.
       max_len: the longest sequence (learned positions, and the default cache size).
       position: ``"rotary"`` (default), ``"learned"`` or ``"sinusoidal"``.
       tie_embeddings: share the embedding table with the output layer.
@@ -224,6 +229,7 @@ def transformer_lm(
         causal=True,
         dropout_rate=dropout_rate,
         rotary=position == "rotary",
+        attention_implementation=attention_implementation,
     )
     blocks = repeat(block, depth)
     embed = embedding(vocab, width)
