@@ -108,22 +108,6 @@ class CompileClock:
             CompileClock._active.remove(self)
 
 
-# An initialization runs once, so its compile time is all that matters: without
-# LLVM's expensive passes a Transformer's init compiles about 4x faster.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def init_replicas_fast(model, optimizer, example, seeds) -> train.TrainState:
-    """``fnnet.train.init_replicas``, compiled for compile speed rather than run speed."""
-    seeds = np.asarray(seeds, np.int32)
-
-    def one(seed):
-        return train.init_state(model, optimizer, example, seed=seed)
-
-    compiled = jax.jit(jax.vmap(one)).lower(seeds).compile(compiler_options=FAST_COMPILE)
-    return compiled(seeds)
-
-
 def _replica(tree: Any, r: int) -> Any:
     return jax.tree.map(lambda a: a[r], tree)
 
@@ -185,7 +169,7 @@ def train_fnnet(
     clock = CompileClock()
     seeds = np.arange(s.seeds)
     with clock.running():
-        state = init_replicas_fast(model, optimizer, task.example, seeds)
+        state = train.init_replicas(model, optimizer, task.example, seeds)
     params = sum(int(np.prod(a.shape[1:])) for a in jax.tree.leaves(state.params))
     step_fn = train.make_train_step(
         model,
