@@ -144,6 +144,19 @@ def test_round_trip_of_a_training_state(tmp_path):
     assert on_disk == record
 
 
+def test_a_relative_directory_works_and_stays_where_it_was_made(tmp_path, monkeypatch):
+    # orbax refuses relative paths; the manager makes its directory absolute at once,
+    # so a later change of working directory does not move the checkpoints either.
+    monkeypatch.chdir(tmp_path)
+    state = make_state()
+    manager = CheckpointManager("runs/ckpt")
+    monkeypatch.chdir("/")
+    manager.save(1, state, metadata={})
+    restored, _ = manager.restore(target=state)
+    assert_bitwise_equal(restored, state)
+    assert (tmp_path / "runs" / "ckpt" / "1").is_dir()
+
+
 def test_keep_retains_the_newest_and_the_best(tmp_path):
     manager = CheckpointManager(tmp_path, keep=2, best_metric="accuracy", best_mode="max")
     accuracies = {1: 0.1, 2: 0.9, 3: 0.3, 4: float("nan"), 5: 0.2}

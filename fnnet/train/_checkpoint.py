@@ -146,7 +146,8 @@ class CheckpointManager:
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         if best_metric is not None and not isinstance(best_metric, str):
             raise TypeError(f"best_metric must be a metric name or None, got {best_metric!r}")
-        self.directory = pathlib.Path(directory)
+        # Absolute, so a relative path keeps meaning the same place (and orbax accepts it).
+        self.directory = pathlib.Path(directory).absolute()
         self.keep = keep
         self.best_metric = best_metric
         self.best_mode = best_mode
