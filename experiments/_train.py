@@ -255,32 +255,38 @@ def train_fnnet(
         name: _evaluate_replicas(model, state, data, metric_fns, s.seeds)
         for name, data in task.tests.items()
     }
-    bad_steps = np.asarray(state.nonfinite_step)
-    bad_what = np.asarray(state.nonfinite_what)
-    rows = []
-    for r in range(s.seeds):
-        diverged = bool(bad_steps[r] >= 0)
-        row = {"model": run.model, **run.labels, "seed": r}
-        row["status"] = (
-            f"diverged at step {int(bad_steps[r])} "
-            f"({'loss' if int(bad_what[r]) == 1 else 'gradient'} not finite)"
-            if diverged
-            else "ok"
-        )
-        for name, per_replica in {"train": final_train, **final_tests}.items():
-            for metric, value in per_replica[r].items():
-                row[f"{name}_{metric}"] = math.nan if diverged else value
-        row["params"] = params
-        row["steps"] = int(state.step[r])
-        row["train_seconds"] = round(train_seconds, 3)
-        row["compile_seconds"] = round(compile_seconds, 3)
-        row["seeds_in_program"] = s.seeds
-        row["resumed_from"] = resumed_from
-        rows.append(row)
+    timing = {
+        "train_seconds": round(train_seconds, 3),
+        "compile_seconds": round(compile_seconds, 3),
+        "seeds_in_program": s.seeds,
+        "resumed_from": resumed_from,
+    }
+    rows = _seed_rows(run, state, {"train": final_train, **final_tests}, params, timing)
     if run.after is not None:
         for row, extra in zip(rows, run.after(model, state.params, task)):
             row.update(extra)
     return rows, curves
+
+
+def _seed_rows(run: Run, state, scores: dict, params: int, timing: dict) -> list[dict]:
+    """One results row per seed: its status, final metrics (NaN once diverged), size
+    and timing. ``scores``: ``{set name: [per-replica {metric: value}]}``."""
+    bad_steps = np.asarray(state.nonfinite_step)
+    bad_what = np.asarray(state.nonfinite_what)
+    rows = []
+    for r in range(len(bad_steps)):
+        diverged = bool(bad_steps[r] >= 0)
+        row = {"model": run.model, **run.labels, "seed": r, "status": "ok"}
+        if diverged:
+            what = "loss" if int(bad_what[r]) == 1 else "gradient"
+            row["status"] = f"diverged at step {int(bad_steps[r])} ({what} not finite)"
+        for name, per_replica in scores.items():
+            for metric, value in per_replica[r].items():
+                row[f"{name}_{metric}"] = math.nan if diverged else value
+        row["params"] = params
+        row["steps"] = int(state.step[r])
+        rows.append({**row, **timing})
+    return rows
 
 
 def count_fitted_numbers(estimator: Any) -> int | None:
