@@ -44,6 +44,19 @@ def test_fit_learns_logs_and_evaluates(tmp_path):
     assert int(result.state.step) == 64
 
 
+def test_only_process_0_writes_the_log(tmp_path, monkeypatch, capsys):
+    # In a multi-process run every process trains; a second process must not write
+    # the log or draw a progress bar (pretend to be process 1 of a run).
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    log = tmp_path / "metrics.jsonl"
+    result = train.fit(
+        fnnet.models.mlp(3, (4,)), optax.adam(1e-2), train.softmax_cross_entropy, _blobs(),
+        steps=8, batch_size=16, log_path=log, progress=True,
+    )  # fmt: skip
+    assert len(result.history) == 1 and not log.exists()
+    assert "step" not in capsys.readouterr().err
+
+
 def test_early_stopping_stops_when_the_metric_stalls():
     x, _ = _blobs()
     noise = (x, np.random.default_rng(5).integers(0, 3, len(x)).astype(np.int32))

@@ -102,12 +102,13 @@ def fit(
       checkpoint_every: steps between checkpoints (default: every evaluation, or
         the end of training).
       keep: how many recent checkpoints to keep (the best is kept too).
-      log_path: a JSON-lines file, one line per chunk of ``history``.
+      log_path: a JSON-lines file, one line per chunk of ``history`` (written by
+        process 0 only when several processes train together).
       steps_per_call: steps per compiled dispatch (default: one epoch, adjusted so
         evaluations and checkpoints fall on chunk boundaries).
       policy: a mixed-precision ``Policy``.
       settings: extra JSON-able facts stored in checkpoints (optimizer and data settings).
-      progress: show a progress bar.
+      progress: show a progress bar (in process 0 only).
 
     Returns:
       A :class:`FitResult`.
@@ -161,7 +162,11 @@ def fit(
             state, _ = manager.restore(target=state)
             resumed_from = int(state.step)
 
-    log = open(log_path, "a") if log_path is not None else None  # noqa: SIM115
+    # With several processes (jax.distributed) every one trains and checkpoints, but
+    # only process 0 shows progress and writes the log.
+    primary = jax.process_index() == 0
+    progress = progress and primary
+    log = open(log_path, "a") if log_path is not None and primary else None  # noqa: SIM115
     history: list[dict[str, float]] = []
     best, since_best, stopped_early = -math.inf, 0, False
     bar = tqdm(total=steps, initial=int(state.step), disable=not progress, unit="step")
