@@ -112,8 +112,13 @@ def _replica(tree: Any, r: int) -> Any:
     return jax.tree.map(lambda a: a[r], tree)
 
 
+# One evaluation batch size for every set, so a run compiles one evaluation program
+# (``evaluate`` pads the last batch; any number of examples reuses it).
+EVAL_BATCH = 250
+
+
 def _evaluate_replicas(model, state, data, metric_fns, replicas) -> list[dict[str, float]]:
-    batch = min(500, len(jax.tree.leaves(data[0])[0]))
+    batch = EVAL_BATCH
     return [
         train.evaluate(
             model,

@@ -130,5 +130,5 @@ EXPERIMENT = Experiment(
     runs=runs,
     answer=answer,
     plots=plots,
-    quick={"steps": "40", "eval_every": "20", "seeds": "2", "depths": "1,2", "models": "mlp"},
+    quick={"steps": "40", "eval_every": "20", "seeds": "2", "depths": "1", "models": "mlp"},
 )

@@ -117,7 +117,7 @@ EXPERIMENT = Experiment(
         "eval_every": "20",
         "seeds": "2",
         "lengths": "8",
-        "models": "mlp,simple_rnn",
+        "models": "simple_rnn",
         "num_train": "512",
         "warmup_steps": "5",
     },

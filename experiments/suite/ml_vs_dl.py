@@ -197,7 +197,7 @@ EXPERIMENT = Experiment(
         "steps": "40",
         "eval_every": "20",
         "seeds": "2",
-        "train_sizes": "200,400",
+        "train_sizes": "200",
         "models": "linear",
         "datasets": "wine",
         "tabular_steps": "20",
