@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import fnnet
+from experiments._config import ConfigError
 from experiments._tasks import Kind, Task
 from fnnet import models
 
@@ -77,6 +78,22 @@ def get(name: str) -> ModelEntry:
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; registered models: {', '.join(MODELS)}")
     return MODELS[name]
+
+
+def reader(name: str, kind: Kind, what: str) -> ModelEntry:
+    """The registry entry of ``name``, which must read ``kind`` data (``what`` names
+    that data in the error, e.g. "MNIST-1D signals").
+
+    Raises:
+      KeyError: no model of that name.
+      ConfigError: the model cannot read ``kind`` data; the message lists those that can.
+    """
+    entry = get(name)
+    if kind not in entry.builders:
+        raise ConfigError(
+            f"model {name!r} cannot read {what}; models that can: {', '.join(models_for(kind))}"
+        )
+    return entry
 
 
 # --- The registry -------------------------------------------------------------------

@@ -186,6 +186,18 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, ax, path: pathlib.Path, xlabel: str, ylabel: str, title: str) -> str:
+    """Labels, grid and layout; writes the PNG and closes the figure. Returns its name."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def run_label(row: dict, labels: Sequence[str]) -> str:
     extra = ", ".join(f"{k}={row[k]}" for k in labels if row.get(k) is not None)
     return f"{row['model']} ({extra})" if extra else str(row["model"])
@@ -229,15 +241,8 @@ def plot_curves(
             label=run_label(members[0], labels),
         )
         ax.fill_between(steps, np.nanmin(values, 1), np.nanmax(values, 1), alpha=0.15, color=color)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return _finish(plt, fig, ax, path, "training step", ylabel, title)
 
 
 def plot_scatter(
@@ -269,14 +274,7 @@ def plot_scatter(
         ax.annotate(name, (mx, my), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if logx:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return _finish(plt, fig, ax, path, xlabel, ylabel, title)
 
 
 def plot_lines(
@@ -315,12 +313,8 @@ def plot_lines(
         ax.axhline(hline[0], color="gray", linestyle=":", label=hline[1])
     if logx:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
+    ticks = sorted({m[x] for m in ok})
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])  # the values run, not 10^k
+    ax.minorticks_off()
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return _finish(plt, fig, ax, path, xlabel, ylabel, title)

@@ -6,9 +6,9 @@ import dataclasses
 import functools
 
 from experiments import _report
-from experiments._config import ConfigError, TrainConfig
+from experiments._config import TrainConfig
 from experiments._experiment import Experiment, Run, settings_for
-from experiments._models import get, models_for
+from experiments._models import models_for, reader
 from experiments._tasks import mnist1d
 
 ORDER = 1
@@ -39,15 +39,9 @@ class Config(TrainConfig):
 
 
 def runs(config: Config, explicit: set[str]) -> list[Run]:
-    readable = models_for("signal")
     out = []
     for name in config.models:
-        entry = get(name)
-        if "signal" not in entry.builders:
-            raise ConfigError(
-                f"model {name!r} cannot read MNIST-1D signals; models that can: "
-                f"{', '.join(readable)}"
-            )
+        entry = reader(name, "signal", "MNIST-1D signals")
         out.append(
             Run(
                 key=name,

@@ -12,7 +12,7 @@ import numpy as np
 from experiments import _report
 from experiments._config import ConfigError, TrainConfig
 from experiments._experiment import Experiment, Run, settings_for
-from experiments._models import get, models_for
+from experiments._models import get, models_for, reader
 from experiments._tasks import pydoc_text
 
 ORDER = 5
@@ -89,11 +89,7 @@ def _sampler(config: Config):
 def runs(config: Config, explicit: set[str]) -> list[Run]:
     out = []
     for name in config.models:
-        if "text" not in get(name).builders:
-            raise ConfigError(
-                f"model {name!r} is not a language model; models that are: "
-                f"{', '.join(models_for('text'))}"
-            )
+        reader(name, "text", "text (it is not a language model)")
         out.append(
             Run(
                 key=name,

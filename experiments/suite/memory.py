@@ -8,7 +8,7 @@ import functools
 from experiments import _report
 from experiments._config import ConfigError, TrainConfig
 from experiments._experiment import Experiment, Run, settings_for
-from experiments._models import get, models_for
+from experiments._models import get, models_for, reader
 from experiments._tasks import recall
 
 ORDER = 4
@@ -45,11 +45,7 @@ class Config(TrainConfig):
 def runs(config: Config, explicit: set[str]) -> list[Run]:
     out = []
     for name in config.models:
-        if "sequence" not in get(name).builders:
-            raise ConfigError(
-                f"model {name!r} cannot read sequences; models that can: "
-                f"{', '.join(models_for('sequence'))}"
-            )
+        reader(name, "sequence", "sequences")
         for length in sorted(set(config.lengths)):
             out.append(
                 Run(

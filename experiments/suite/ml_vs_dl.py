@@ -14,7 +14,7 @@ import functools
 from experiments import _report
 from experiments._config import ConfigError, TrainConfig
 from experiments._experiment import Experiment, Run, settings_for
-from experiments._models import get, models_for
+from experiments._models import get, models_for, reader
 from experiments._tasks import TABULAR, mnist1d_subset, tabular
 
 ORDER = 3
@@ -88,18 +88,10 @@ class Config(TrainConfig):
             raise ConfigError("tabular_learning_rate must be positive")
 
 
-def _readable(name: str, kind: str) -> None:
-    if kind not in get(name).builders:
-        raise ConfigError(
-            f"model {name!r} cannot read {kind} data; models that can: "
-            f"{', '.join(models_for(kind))}"
-        )
-
-
 def runs(config: Config, explicit: set[str]) -> list[Run]:
     out = []
     for name in config.models:
-        _readable(name, "signal")
+        reader(name, "signal", "MNIST-1D signals")
         for size in sorted(set(config.train_sizes)):
             out.append(
                 Run(
@@ -120,7 +112,7 @@ def runs(config: Config, explicit: set[str]) -> list[Run]:
     }
     for dataset in config.datasets:
         for name in config.tabular_models:
-            _readable(name, "tabular")
+            reader(name, "tabular", "tables")
             out.append(
                 Run(
                     key=f"{name}-{dataset}",

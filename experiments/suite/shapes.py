@@ -8,7 +8,7 @@ import functools
 from experiments import _report
 from experiments._config import ConfigError, TrainConfig
 from experiments._experiment import Experiment, Run, settings_for
-from experiments._models import get, models_for
+from experiments._models import get, models_for, reader
 from experiments._tasks import digits
 
 ORDER = 6
@@ -42,11 +42,7 @@ class Config(TrainConfig):
 def runs(config: Config, explicit: set[str]) -> list[Run]:
     out = []
     for name in config.models:
-        if "image" not in get(name).builders:
-            raise ConfigError(
-                f"model {name!r} cannot read images; models that can: "
-                f"{', '.join(models_for('image'))}"
-            )
+        reader(name, "image", "images")
         out.append(
             Run(
                 key=name,
