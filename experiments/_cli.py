@@ -14,19 +14,22 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m experiments",
         description="Train fnnet's architectures side by side and report what they do.",
     )
+    # What chooses the runs, shared by run and report (report finds the runs' records).
+    selection = argparse.ArgumentParser(add_help=False)
+    selection.add_argument("items", nargs="*", metavar="NAME|FIELD=VALUE")
+    selection.add_argument("--seeds", type=int, help="seeds per model (vmapped replicas)")
+    selection.add_argument("--quick", action="store_true", help="tiny settings, same code paths")
+    selection.add_argument("--out", type=pathlib.Path, help="output folder (default results/)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="the experiments, their fields, and the model registry")
     run = commands.add_parser(
         "run",
+        parents=[selection],
         help="run experiments: NAME... (or all) and FIELD=VALUE overrides",
         description="Run experiments. Arguments are experiment names (or all) and "
         "FIELD=VALUE overrides of their configuration, e.g. "
         "`python -m experiments run architectures steps=2000 models=mlp,cnn`.",
     )
-    run.add_argument("items", nargs="*", metavar="NAME|FIELD=VALUE")
-    run.add_argument("--seeds", type=int, help="seeds per model (vmapped replicas)")
-    run.add_argument("--quick", action="store_true", help="tiny settings, same code paths")
-    run.add_argument("--out", type=pathlib.Path, help="output folder (default results/)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "--mesh",
@@ -54,11 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="checkpoint an unfinished run at most this often (0: every evaluation)",
     )
-    report = commands.add_parser("report", help="rebuild summaries and plots from records")
-    report.add_argument("items", nargs="*", metavar="NAME|FIELD=VALUE")
-    report.add_argument("--seeds", type=int)
-    report.add_argument("--quick", action="store_true")
-    report.add_argument("--out", type=pathlib.Path)
+    commands.add_parser(
+        "report", parents=[selection], help="rebuild summaries and plots from records"
+    )
     return parser
 
 

@@ -135,7 +135,7 @@ def execute(
     ]
     pending = {id(run) for _, run in todo}
     total = sum(run.work for _, run in todo)
-    done = len([1 for p in plans for _ in p.runs]) - len(todo)
+    done = sum(len(p.runs) for p in plans) - len(todo)
     bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True)
     if done:
         bar.write(f"{done} finished runs found under {out}; skipping them", file=sys.stderr)

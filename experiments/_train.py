@@ -118,7 +118,6 @@ EVAL_BATCH = 250
 
 
 def _evaluate_replicas(model, state, data, metric_fns, replicas) -> list[dict[str, float]]:
-    batch = EVAL_BATCH
     return [
         train.evaluate(
             model,
@@ -126,7 +125,7 @@ def _evaluate_replicas(model, state, data, metric_fns, replicas) -> list[dict[st
             _replica(state.model_state, r),
             data,
             metric_fns,
-            batch_size=batch,
+            batch_size=EVAL_BATCH,
         )
         for r in range(replicas)
     ]
@@ -214,6 +213,7 @@ def train_fnnet(
 
     last_save = time.monotonic()
     step = int(state.step[0])
+    scores = None  # the test sets' evaluation of the current state, once there is one
     while step < s.steps:
         chunk_clock = CompileClock()
         start = time.perf_counter()
@@ -256,7 +256,9 @@ def train_fnnet(
     limit = min(TRAIN_EVAL_LIMIT, len(task.train[1]))
     train_subset = (task.train[0][:limit], task.train[1][:limit])
     final_train = _evaluate_replicas(model, state, train_subset, metric_fns, s.seeds)
-    final_tests = {
+    # The loop's last evaluation was of this very state; only a run resumed at its
+    # last step has none.
+    final_tests = scores or {
         name: _evaluate_replicas(model, state, data, metric_fns, s.seeds)
         for name, data in task.tests.items()
     }

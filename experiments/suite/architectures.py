@@ -75,7 +75,7 @@ def answer(config: Config, rows: list[dict]) -> str:
     return text
 
 
-def reference(config: Config | None = None) -> str:
+def reference() -> str:
     lines = [
         "Published test accuracy (%), Greydanus and Kobak, *Scaling Down Deep Learning "
         "with MNIST-1D*, ICML 2024; the same models and training settings are used here "

@@ -12,7 +12,7 @@ import numpy as np
 from experiments import _report
 from experiments._config import ConfigError, TrainConfig
 from experiments._experiment import Experiment, Run, settings_for
-from experiments._models import get, models_for, reader
+from experiments._models import models_for, reader
 from experiments._tasks import pydoc_text
 
 ORDER = 5
@@ -89,14 +89,14 @@ def _sampler(config: Config):
 def runs(config: Config, explicit: set[str]) -> list[Run]:
     out = []
     for name in config.models:
-        reader(name, "text", "text (it is not a language model)")
+        entry = reader(name, "text", "text (it is not a language model)")
         out.append(
             Run(
                 key=name,
                 model=name,
                 task=functools.partial(pydoc_text, config.context),
                 settings=settings_for(config, name, "text", explicit),
-                build=get(name).build,
+                build=entry.build,
                 after=_sampler(config) if config.sample_chars else None,
             )
         )

@@ -8,7 +8,7 @@ import functools
 from experiments import _report
 from experiments._config import ConfigError, TrainConfig
 from experiments._experiment import Experiment, Run, settings_for
-from experiments._models import get, models_for, reader
+from experiments._models import models_for, reader
 from experiments._tasks import recall
 
 ORDER = 4
@@ -45,7 +45,7 @@ class Config(TrainConfig):
 def runs(config: Config, explicit: set[str]) -> list[Run]:
     out = []
     for name in config.models:
-        reader(name, "sequence", "sequences")
+        entry = reader(name, "sequence", "sequences")
         for length in sorted(set(config.lengths)):
             out.append(
                 Run(
@@ -54,7 +54,7 @@ def runs(config: Config, explicit: set[str]) -> list[Run]:
                     task=functools.partial(recall, length, config.num_train),
                     settings=settings_for(config, name, "sequence", explicit),
                     labels={"length": length},
-                    build=get(name).build,
+                    build=entry.build,
                 )
             )
     return out

@@ -14,7 +14,7 @@ import functools
 from experiments import _report
 from experiments._config import ConfigError, TrainConfig
 from experiments._experiment import Experiment, Run, settings_for
-from experiments._models import get, models_for, reader
+from experiments._models import models_for, reader
 from experiments._tasks import TABULAR, mnist1d_subset, tabular
 
 ORDER = 3
@@ -91,7 +91,7 @@ class Config(TrainConfig):
 def runs(config: Config, explicit: set[str]) -> list[Run]:
     out = []
     for name in config.models:
-        reader(name, "signal", "MNIST-1D signals")
+        entry = reader(name, "signal", "MNIST-1D signals")
         for size in sorted(set(config.train_sizes)):
             out.append(
                 Run(
@@ -100,7 +100,7 @@ def runs(config: Config, explicit: set[str]) -> list[Run]:
                     task=functools.partial(mnist1d_subset, size),
                     settings=settings_for(config, name, "signal", explicit),
                     labels={"data": "mnist1d", "train_size": size},
-                    build=get(name).build,
+                    build=entry.build,
                 )
             )
     tab = {
@@ -112,7 +112,7 @@ def runs(config: Config, explicit: set[str]) -> list[Run]:
     }
     for dataset in config.datasets:
         for name in config.tabular_models:
-            reader(name, "tabular", "tables")
+            entry = reader(name, "tabular", "tables")
             out.append(
                 Run(
                     key=f"{name}-{dataset}",
@@ -120,7 +120,7 @@ def runs(config: Config, explicit: set[str]) -> list[Run]:
                     task=functools.partial(tabular, dataset),
                     settings=settings_for(config, name, "tabular", explicit, **tab),
                     labels={"data": dataset, "train_size": None},
-                    build=get(name).build,
+                    build=entry.build,
                 )
             )
         for name in config.classical_models:

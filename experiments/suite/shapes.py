@@ -8,7 +8,7 @@ import functools
 from experiments import _report
 from experiments._config import ConfigError, TrainConfig
 from experiments._experiment import Experiment, Run, settings_for
-from experiments._models import get, models_for, reader
+from experiments._models import models_for, reader
 from experiments._tasks import digits
 
 ORDER = 6
@@ -42,14 +42,14 @@ class Config(TrainConfig):
 def runs(config: Config, explicit: set[str]) -> list[Run]:
     out = []
     for name in config.models:
-        reader(name, "image", "images")
+        entry = reader(name, "image", "images")
         out.append(
             Run(
                 key=name,
                 model=name,
                 task=functools.partial(digits, config.canvas, config.max_shift),
                 settings=settings_for(config, name, "image", explicit),
-                build=get(name).build,
+                build=entry.build,
             )
         )
     return out
