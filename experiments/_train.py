@@ -180,6 +180,9 @@ def train_fnnet(
         optimizer,
         train.softmax_cross_entropy,
         metric_fns={k: v for k, v in metric_fns.items() if k != "loss"},
+        # A diverged seed must keep finite parameters while the others train on:
+        # the whole replicated state is checkpointed, and checkpoints refuse NaN.
+        skip_nonfinite=True,
     )
     fused = {
         "batch_size": s.batch_size,

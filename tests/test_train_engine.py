@@ -15,6 +15,8 @@ from fnnet.train._data import (
     batch_indices,
     epoch_orders,
     indices_from_orders,
+    permutation,
+    slice_batch,
     take_batch,
 )
 from fnnet.train._losses import softmax_cross_entropy
@@ -140,6 +142,36 @@ def test_epoch_orders_give_batch_indices(first_step, num_steps):
             indices_from_orders(orders, first_step, step, **sizes),
             batch_indices(key, step, **sizes),
         )
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 4000])
+def test_permutation_is_a_permutation(n):
+    order = np.asarray(jax.jit(permutation, static_argnums=1)(jax.random.key(n), n))
+    assert order.dtype == np.int32
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))
+
+
+def test_permutation_is_uniform():
+    # Every one of the 24 orders of 4 items, 24,000 draws: a chi-square test of
+    # equal counts (23 degrees of freedom; 49.7 is its 0.1% point). A permutation
+    # that favoured the stored order on ties, or any fixed bias, fails it.
+    keys = jax.random.split(jax.random.key(0), 24_000)
+    orders = np.asarray(jax.jit(jax.vmap(lambda k: permutation(k, 4)))(keys))
+    codes = orders @ np.array([64, 16, 4, 1])
+    counts = np.bincount(np.unique(codes, return_inverse=True)[1])
+    assert len(counts) == 24
+    chi2 = float(np.sum((counts - 1000.0) ** 2 / 1000.0))
+    assert chi2 < 49.7, counts
+    # And every item is equally likely in every place.
+    for place in range(4):
+        assert np.all(np.abs(np.bincount(orders[:, place], minlength=4) - 6000) < 300)
+
+
+def test_slice_batch_is_the_unshuffled_batch(data):
+    sizes = {"num_examples": N, "batch_size": 24}  # 2 steps per epoch, 16 dropped
+    for step in (0, 1, 2, 5):
+        want = take_batch(data, batch_indices(None, step, shuffle=False, **sizes))
+        jax.tree.map(np.testing.assert_array_equal, slice_batch(data, step, **sizes), want)
 
 
 def test_take_batch_gathers_every_leaf(data):
@@ -293,12 +325,29 @@ def test_batch_norm_state_updates_through_the_step(data):
 # --- Non-finite losses and gradients -----------------------------------------
 
 
-def test_nonfinite_loss_skips_the_update_and_records_the_step(data):
+def test_nonfinite_loss_is_recorded_and_the_update_applied_by_default(data):
     model = fnnet.models.mlp(CLASSES, hidden=(8,))
     opt = optax.adam(1e-2)
     x = data[0].at[2 * BATCH + 3].set(jnp.nan)  # poisons batch 2 of the in-order epoch
     state = init_state(model, opt, x[0], seed=0)
     step = make_train_step(model, opt, softmax_cross_entropy)
+    run = make_fused_steps(step, (x, data[1]), batch_size=BATCH, num_steps=4, shuffle=False)
+    four, metrics = run(state)
+    assert np.all(np.isfinite(metrics["loss"][:2])) and not np.isfinite(metrics["loss"][2])
+    assert int(four.nonfinite_step) == 2 and int(four.nonfinite_what) == 1
+    # The NaN reached the parameters (nothing was skipped), and later steps do not
+    # overwrite the record of the first bad one.
+    assert not all(np.all(np.isfinite(leaf)) for leaf in leaves(four.params))
+    with pytest.raises(NonFiniteError, match="the loss was not finite at step 2"):
+        check_finite(four)
+
+
+def test_nonfinite_loss_skips_the_update_and_records_the_step(data):
+    model = fnnet.models.mlp(CLASSES, hidden=(8,))
+    opt = optax.adam(1e-2)
+    x = data[0].at[2 * BATCH + 3].set(jnp.nan)  # poisons batch 2 of the in-order epoch
+    state = init_state(model, opt, x[0], seed=0)
+    step = make_train_step(model, opt, softmax_cross_entropy, skip_nonfinite=True)
     run = make_fused_steps(step, (x, data[1]), batch_size=BATCH, num_steps=2, shuffle=False)
     two, _ = run(state)
     check_finite(two)  # steps 0 and 1 were fine
@@ -331,14 +380,18 @@ def test_nonfinite_gradient_with_finite_loss_is_recorded(data):
         return softmax_cross_entropy(logits, label) + jnp.sqrt(jnp.sum(logits * 0.0))
 
     state = init_state(model, opt, data[0][0], seed=0)
-    new, metrics = jax.jit(make_train_step(model, opt, loss_fn))(
-        state, (data[0][:BATCH], data[1][:BATCH])
-    )
-    assert np.isfinite(metrics["loss"])
-    assert int(new.nonfinite_step) == 0 and int(new.nonfinite_what) == 2
-    assert_trees_equal(new.params, state.params)
-    with pytest.raises(NonFiniteError, match="the gradient was not finite at step 0"):
-        check_finite(new)
+    batch = (data[0][:BATCH], data[1][:BATCH])
+    for skip in (False, True):
+        step = jax.jit(make_train_step(model, opt, loss_fn, skip_nonfinite=skip))
+        new, metrics = step(state, batch)
+        assert np.isfinite(metrics["loss"])
+        assert int(new.nonfinite_step) == 0 and int(new.nonfinite_what) == 2
+        if skip:
+            assert_trees_equal(new.params, state.params)
+        else:
+            assert not all(np.all(np.isfinite(leaf)) for leaf in leaves(new.params))
+        with pytest.raises(NonFiniteError, match="the gradient was not finite at step 0"):
+            check_finite(new)
 
 
 def test_check_finite_names_the_replica():

@@ -82,6 +82,11 @@ def test_non_finite_loss_stops_with_the_step_and_writes_no_checkpoint(tmp_path):
     assert "loss" in str(err.value)
     manager = train.CheckpointManager(tmp_path / "ckpt")
     assert manager.steps() == []
+    # The error hands back the state from the start of the failed chunk: every
+    # value finite, and its step that chunk's first.
+    last = err.value.last_finite_state
+    assert int(last.step) == 0
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(last.params))
 
 
 def _run_worker(tmp_path, name, steps, *flags):

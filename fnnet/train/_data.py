@@ -15,19 +15,27 @@ different remainder is dropped each epoch). Being a function of ``(data_key,
 step)`` alone, the batch needs no iterator state: a fused scan draws it inside
 the compiled program, and a run resumed from a saved step sees the same batches.
 
-The permutation is a sort, which on a CPU costs more than a small model's whole
-step (about 1.5 ms for 4,000 examples against 0.7 ms for the MNIST-1D CNN's
-step); so a fused run computes each epoch's order once (:func:`epoch_orders`)
-and reads its batches from that table (:func:`indices_from_orders`), getting
-exactly the indices :func:`batch_indices` gives.
+The permutation is a sort, which on a CPU can cost more than a small model's
+whole step; so a fused run computes each epoch's order once
+(:func:`epoch_orders`) and reads its batches from that table
+(:func:`indices_from_orders`), getting exactly the indices :func:`batch_indices`
+gives. The sort itself is a plain sort of packed 32-bit integers
+(:func:`permutation`), about ten times faster on XLA:CPU than the key-value sort
+of ``jax.random.permutation``. Without shuffling a batch is a contiguous slice
+(:func:`slice_batch`), which XLA copies faster than it gathers rows.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+# permutation() packs an index into the low bits of a 32-bit sort key; past this
+# many index bits too few random bits are left, and it uses jax.random.permutation.
+_MAX_INDEX_BITS = 24
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -42,6 +50,42 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples // batch_size
 
 
+def permutation(key: jax.Array, n: int) -> jax.Array:
+    """A uniformly random permutation of ``range(n)``, by sorting packed integers.
+
+    Each round draws 32 random bits per position, keeps the high ``32 - b`` of
+    them (``b = ceil(log2 n)``), puts the position in the low ``b`` bits and
+    sorts: the sorted low bits are a shuffle of the positions. XLA:CPU sorts
+    one array of integers far faster than it sorts keys with values (what
+    ``jax.random.permutation`` does): 0.18 against 1.9 ms for 4,000 examples on
+    the development machine. Equal random parts are ordered by position, so,
+    like ``jax.random.permutation``, it runs enough rounds (each reshuffling the
+    last) that a pair tied in every round is about as unlikely as a collision of
+    ``3 * b`` random bits; for 4,000 examples that is 2 rounds. Past 2**24
+    examples it uses ``jax.random.permutation``.
+
+    Args:
+      key: typed PRNG key.
+      n: how many items (static).
+
+    Returns:
+      int32 array ``(n,)``.
+    """
+    index_bits = max(1, (n - 1).bit_length())
+    if index_bits > _MAX_INDEX_BITS:
+        return jax.random.permutation(key, n).astype(jnp.int32)
+    random_bits = 32 - index_bits
+    rounds = max(2, math.ceil(3 * index_bits / random_bits))
+    positions = jnp.arange(n, dtype=jnp.uint32)
+    high = jnp.uint32((1 << 32) - (1 << index_bits))  # mask of the random part
+    order = positions
+    for r in range(rounds):
+        bits = jax.random.bits(jax.random.fold_in(key, r), (n,), jnp.uint32)
+        shuffled = jnp.sort((bits & high) | positions) & jnp.uint32((1 << index_bits) - 1)
+        order = order[shuffled]
+    return order.astype(jnp.int32)
+
+
 def epoch_order(
     data_key: jax.Array, epoch: jax.Array | int, *, num_examples: int, shuffle: bool = True
 ) -> jax.Array:
@@ -54,7 +98,7 @@ def epoch_order(
     if not shuffle:
         return jnp.arange(num_examples, dtype=jnp.int32)
     key = jax.random.fold_in(data_key, jnp.asarray(epoch, jnp.int32))
-    return jax.random.permutation(key, num_examples).astype(jnp.int32)
+    return permutation(key, num_examples)
 
 
 def batch_indices(
@@ -167,6 +211,17 @@ def take_batch(dataset: Any, indices: jax.Array) -> Any:
       The same pytree with each array ``(batch, ...)``.
     """
     return jax.tree.map(lambda a: jnp.take(a, indices, axis=0), dataset)
+
+
+def slice_batch(dataset: Any, step: jax.Array | int, *, batch_size: int, num_examples: int) -> Any:
+    """Batch ``step`` of an unshuffled dataset: the same examples as
+    ``take_batch(dataset, batch_indices(..., shuffle=False))``, cut as one
+    contiguous slice per array (on the CPU a few microseconds cheaper per step
+    than gathering the rows).
+    """
+    per_epoch = steps_per_epoch(num_examples, batch_size)
+    start = (jnp.asarray(step, jnp.int32) % per_epoch) * batch_size
+    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, batch_size), dataset)
 
 
 def num_examples_of(dataset: Any) -> int:

@@ -26,7 +26,7 @@ from fnnet.models import build, config_of
 from fnnet.train._checkpoint import CheckpointManager
 from fnnet.train._evaluate import evaluate
 from fnnet.train._state import TrainState, init_state
-from fnnet.train._step import check_finite, make_fused_steps, make_train_step
+from fnnet.train._step import NonFiniteError, check_finite, make_fused_steps, make_train_step
 
 
 @dataclasses.dataclass
@@ -115,7 +115,8 @@ def fit(
 
     Raises:
       NonFiniteError: the loss or gradients became non-finite; the message names the
-        step. No checkpoint is written after it.
+        step, and ``error.last_finite_state`` holds the state at the start of the
+        chunk in which it happened. No checkpoint is written after it.
     """
     x, y = jax.device_put(train_data)
     num_examples = jax.tree.leaves(x)[0].shape[0]
@@ -173,10 +174,16 @@ def fit(
     try:
         while int(state.step) < steps:
             start = time.perf_counter()
-            state, metrics = run(state)
+            checked, (state, metrics) = state, run(state)
             metrics = jax.device_get(metrics)  # one host sync per chunk
             seconds = time.perf_counter() - start
-            check_finite(state)
+            try:
+                check_finite(state)
+            except NonFiniteError as error:
+                # run() does not donate its input, so the chunk's starting state,
+                # checked finite last time, is still there to hand back.
+                error.last_finite_state = checked
+                raise
             step = int(state.step)
             row: dict[str, float] = {"step": step}
             row.update({k: float(np.mean(v)) for k, v in metrics.items()})

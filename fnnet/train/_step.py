@@ -31,6 +31,7 @@ from fnnet.train._data import (
     epoch_orders,
     indices_from_orders,
     num_examples_of,
+    slice_batch,
     steps_per_epoch,
     take_batch,
 )
@@ -58,17 +59,19 @@ class NonFiniteError(FloatingPointError):
       step: the first step whose loss or gradients were not finite.
       what: ``"loss"`` or ``"gradient"``.
       replica: the first replica that failed, or None for an unreplicated state.
+      last_finite_state: set by ``fit``: the last training state it checked and
+        found finite (the start of the chunk of steps that failed), else None.
     """
 
     def __init__(self, step: int, what: str, replica: int | None = None):
         self.step = step
         self.what = what
         self.replica = replica
+        self.last_finite_state = None
         where = "" if replica is None else f" in replica {replica}"
         super().__init__(
-            f"training stopped: the {what} was not finite at step {step}{where}. The "
-            "update of that step was not applied, so the state holds the last finite "
-            "parameters; try a lower learning rate, gradient clipping, or float32."
+            f"training stopped: the {what} was not finite at step {step}{where}; try a "
+            "lower learning rate, gradient clipping, or float32."
         )
 
     def __reduce__(self):
@@ -167,6 +170,7 @@ def make_train_step(
     policy: Any = None,
     metric_fns: Mapping[str, ExampleFn] | None = None,
     batch_axis: str = "batch",
+    skip_nonfinite: bool = False,
 ) -> StepFn:
     """Builds the pure function ``step(state, batch) -> (state, metrics)``.
 
@@ -185,14 +189,25 @@ def make_train_step(
       metric_fns: ``{name: fn(output, label) -> scalar}``, each averaged over the
         batch and reported next to ``"loss"``; computed from the same forward pass.
       batch_axis: the name of the vmapped batch axis (BatchNorm's ``axis_name``).
+      skip_nonfinite: also skip the update of a step whose loss or gradient is
+        not finite, so the state keeps the last finite parameters. Off by
+        default because it is not free: the skip must wait for the whole
+        backward pass and a reduction over every gradient before the first
+        parameter may change, so the optimizer can no longer update one layer
+        while the backward pass works on the next. On the CPU that costs a
+        small model's step about a quarter of its time (``python -m
+        bench.step_overhead``). Detection is the same either way.
 
     Returns:
       ``step(state, batch)``, where ``batch = (x, y)`` has a leading batch axis on
       every leaf. It returns the new :class:`TrainState` and
-      ``{"loss": scalar, **{name: scalar}}``. The step counter always advances;
-      if the loss or any gradient is not finite, params, optimizer state and
-      model state are kept and the first such step is recorded in
-      ``nonfinite_step`` / ``nonfinite_what`` (see ``check_finite``).
+      ``{"loss": scalar, **{name: scalar}}``. The step counter always advances.
+      The first step whose loss or any gradient is not finite is recorded in
+      ``nonfinite_step`` / ``nonfinite_what``, inside the program, with no host
+      sync; ``check_finite`` (which ``fit`` calls after every chunk of steps)
+      turns that record into a :class:`NonFiniteError`, and checkpoints refuse
+      non-finite values. With ``skip_nonfinite`` the params, optimizer state and
+      model state of such a step are kept as they were.
 
     To run it one step per call, jit it with the state donated,
     ``jax.jit(step, donate_argnums=0)``, and thread the returned state: the new
@@ -231,12 +246,11 @@ def make_train_step(
             loss_and_output, has_aux=True
         )(state.params, state.model_state, x, y, keys)
 
-        # A non-finite loss or gradient would poison the params for good, so such
-        # a step is skipped and the first one remembered (no host sync). A cond
-        # rather than a select on every leaf: the update is computed only when it
-        # is kept, and on the CPU the selects (and the copies they force on the
-        # optimizer's state) cost a small model's step about a third more. Under
-        # vmap (replicas) the cond becomes that select, with the same result.
+        # Detection costs next to nothing: the reduction runs alongside the
+        # optimizer's update. Skipping is what costs (see skip_nonfinite): a
+        # cond, so the update is computed only when it is kept, rather than a
+        # select on every leaf, which on the CPU is slower still. Under vmap
+        # (replicas) the cond becomes that select, with the same result.
         finite_loss = jnp.isfinite(loss)
         finite = finite_loss & _all_finite(grads)
 
@@ -254,7 +268,10 @@ def make_train_step(
         def keep_state():
             return state.params, state.opt_state, state.model_state
 
-        params, opt_state, model_state = jax.lax.cond(finite, apply_update, keep_state)
+        if skip_nonfinite:
+            params, opt_state, model_state = jax.lax.cond(finite, apply_update, keep_state)
+        else:
+            params, opt_state, model_state = apply_update()
 
         first_bad = (state.nonfinite_step < 0) & ~finite
         what = jnp.where(finite_loss, jnp.int32(NONFINITE_GRADS), jnp.int32(NONFINITE_LOSS))
@@ -352,15 +369,15 @@ def make_fused_steps(
             first = state.step
             orders = epoch_orders(state.data_key, first, num_steps=num_steps, **sizes)
 
-            def indices(s):
-                return indices_from_orders(orders, first, s.step, **sizes)
+            def batch(s):
+                return take_batch(dataset, indices_from_orders(orders, first, s.step, **sizes))
         else:
 
-            def indices(s):
-                return batch_indices(s.data_key, s.step, shuffle=False, **sizes)
+            def batch(s):
+                return slice_batch(dataset, s.step, **sizes)
 
         def body(s, _):
-            return step(s, take_batch(dataset, indices(s)))
+            return step(s, batch(s))
 
         return jax.lax.scan(body, state, length=num_steps)
 
@@ -380,16 +397,15 @@ def _jitted_data_step(
     # Cached so repeated debug runs of the same step reuse one compiled program.
     step = _for_loops(step_fn, canonical_convs)
 
+    sizes = {"num_examples": num_examples, "batch_size": batch_size}
+
     @jax.jit
     def one(state, dataset):
-        indices = batch_indices(
-            state.data_key,
-            state.step,
-            num_examples=num_examples,
-            batch_size=batch_size,
-            shuffle=shuffle,
-        )
-        return step(state, take_batch(dataset, indices))
+        if shuffle:
+            batch = take_batch(dataset, batch_indices(state.data_key, state.step, **sizes))
+        else:
+            batch = slice_batch(dataset, state.step, **sizes)
+        return step(state, batch)
 
     return one
 
