@@ -220,17 +220,39 @@ def _count(jaxpr, primitive):
 
 
 @pytest.mark.parametrize("make", [fnnet.simple_cell, fnnet.lstm_cell, fnnet.gru_cell])
-def test_input_projection_is_hoisted_out_of_the_scan(make):
-    """One matmul for the whole input sequence outside the scan; one inside per step."""
-    layer = fnnet.rnn(make(HIDDEN))
-    x = jax.ShapeDtypeStruct((SEQ, FEATURES), jnp.float32)
-    params = jax.eval_shape(layer.init, jax.random.key(0), x)
-    jaxpr = jax.make_jaxpr(layer.apply)(params, x).jaxpr
-    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
-    outside = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
-    assert len(outside) == 1
-    assert outside[0].invars[0].aval.shape == (SEQ, FEATURES)
-    assert _count(scan.params["jaxpr"].jaxpr, "dot_general") == 1
+def test_input_projection_is_hoisted_out_of_the_scan_unless_the_input_is_narrow(make):
+    """An input as wide as the gates: one matmul for the whole sequence outside the
+    scan, one (recurrent) inside per step. A narrower input: both inside, so the
+    scan never carries the wider projected sequence."""
+    gates = make(HIDDEN).init(jax.random.key(0), 1)["input"]["w"].shape[1]
+    for features, hoisted in ((gates, True), (gates - 1, False)):
+        layer = fnnet.rnn(make(HIDDEN))
+        x = jax.ShapeDtypeStruct((SEQ, features), jnp.float32)
+        params = jax.eval_shape(layer.init, jax.random.key(0), x)
+        jaxpr = jax.make_jaxpr(layer.apply)(params, x).jaxpr
+        (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+        outside = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+        inside = _count(scan.params["jaxpr"].jaxpr, "dot_general")
+        if hoisted:
+            assert len(outside) == 1 and inside == 1
+            assert outside[0].invars[0].aval.shape == (SEQ, features)
+        else:
+            assert len(outside) == 0 and inside == 2
+
+
+@pytest.mark.parametrize("make", [fnnet.simple_cell, fnnet.lstm_cell, fnnet.gru_cell])
+def test_narrow_and_hoisted_projections_agree(make):
+    # The same layer read through a wider input whose extra features are zero
+    # takes the hoisted path; its outputs match the narrow path's.
+    x = jax.random.normal(jax.random.key(1), (SEQ, 1))
+    cell = make(HIDDEN)
+    gates = cell.init(jax.random.key(0), 1)["input"]["w"].shape[1]
+    layer = fnnet.rnn(cell, return_sequences=True)
+    narrow = layer.init(jax.random.key(2), x)
+    wide_x = jnp.pad(x, ((0, 0), (0, gates - 1)))
+    wide = jax.tree.map(lambda a: a, narrow)
+    wide["cell"]["input"]["w"] = jnp.pad(narrow["cell"]["input"]["w"], ((0, gates - 1), (0, 0)))
+    _close(layer.apply(narrow, x), layer.apply(wide, wide_x))
 
 
 def test_default_initialization():

@@ -40,7 +40,9 @@ class Cell(NamedTuple):
         The carry is either the hidden state ``(hidden,)`` itself or a dict whose
         ``"h"`` entry is the hidden state (the LSTM's carry is ``{"h", "c"}``).
       project: ``project(params, xs) -> projected``: the input term of every gate for
-        all steps at once, ``(seq, features) -> (seq, gates * hidden)``.
+        all steps at once, ``(seq, features) -> (seq, gates * hidden)``, and for one
+        step, ``(features,) -> (gates * hidden,)``: for inputs narrower than the
+        gates :func:`fnnet.rnn` projects each step inside its loop.
       step: ``step(params, carry, projected_t) -> (carry, h_t)``: one time step from
         one row ``(gates * hidden,)`` of ``project``'s output; ``h_t`` is ``(hidden,)``.
       hidden: the size of the hidden state.
@@ -99,12 +101,13 @@ def _checked_features(kind: str, input_features) -> int:
 def _make_project(kind: str) -> Callable[[dict, jax.Array], jax.Array]:
     def project(params, xs):
         w = params["input"]["w"]  # (features, gates * hidden)
-        if xs.ndim != 2 or xs.shape[-1] != w.shape[0]:
+        if xs.ndim not in (1, 2) or xs.shape[-1] != w.shape[0]:
             errors.fail(
                 kind,
                 f"expected input of shape (seq, {w.shape[0]}), got shape {tuple(xs.shape)}",
             )
-        return xs @ w + params["input"]["b"][None, :]  # (seq, gates * hidden)
+        b = params["input"]["b"]
+        return xs @ w + (b if xs.ndim == 1 else b[None, :])  # ([seq,] gates * hidden)
 
     return project
 
