@@ -10,7 +10,7 @@ is shared and noisy.
 Where a model's hand-written version differs from fnnet's in one deliberate
 design choice, a third contender (``handwritten.VARIANTS``) writes it fnnet's
 way by hand: the GRU for one example batched with ``jax.vmap``; the transformer
-with its blocks in one ``lax.scan``. That separates the cost of fnnet's
+with its blocks in a ``lax.scan`` loop. That separates the cost of fnnet's
 abstractions from the cost of the choice.
 
 Run: ``make bench`` (or ``python -m bench.core --rounds 15``).

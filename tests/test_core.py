@@ -78,6 +78,22 @@ def test_repeat_equals_a_loop_over_the_stacked_params(rng):
         fnnet.repeat(block, 0)
 
 
+@pytest.mark.parametrize("n, unroll, loops", [(3, None, 0), (5, None, 1), (5, True, 0), (3, 1, 1)])
+def test_repeat_unrolls_short_stacks(rng, n, unroll, loops):
+    # Up to 4 copies by default there is no loop left in the program; a deeper
+    # stack (or unroll=1) keeps one. Either way the result is the same.
+    block = fnnet.serial(lin=fnnet.dense(4), act=fnnet.tanh())
+    model = fnnet.repeat(block, n, unroll=unroll)
+    x = jnp.asarray(rng.standard_normal(4), jnp.float32)
+    p = model.init(jax.random.key(0), x)
+    hlo = jax.jit(model.apply).lower(p, x).as_text()
+    assert hlo.count("stablehlo.while") == loops
+    looped = fnnet.repeat(block, n, unroll=1).apply(p, x)
+    np.testing.assert_allclose(model.apply(p, x), looped, rtol=1e-6)
+    with pytest.raises(fnnet.LayerError, match="unroll must be"):
+        fnnet.repeat(block, n, unroll=0)
+
+
 def test_stateful_child_makes_the_composite_stateful(rng):
     model = fnnet.serial(lin=fnnet.dense(3), norm=fnnet.batch_norm(), act=fnnet.relu())
     assert model.stateful and not fnnet.serial(lin=fnnet.dense(3)).stateful

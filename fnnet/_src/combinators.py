@@ -200,11 +200,17 @@ def parallel(
     return from_stateful(init, apply, name=name, stateful=any(l.stateful for _, l in children))
 
 
-def repeat(block: Layer, n: int, name: str = "repeat") -> Layer:
+# repeat() unrolls its scan up to this many copies by default (see its docstring).
+_UNROLL_UP_TO = 4
+
+
+def repeat(
+    block: Layer, n: int, name: str = "repeat", *, unroll: int | bool | None = None
+) -> Layer:
     """Applies ``block`` ``n`` times with separate parameters, as one ``lax.scan``.
 
     Parameters (and state) of the ``n`` copies are stacked along a new leading
-    axis, so a deep stack is traced and compiled once, whatever ``n`` is.
+    axis, so a deep stack is traced once, whatever ``n`` is.
     ``block`` must map its input to the same shape and dtype. Extra keyword
     arguments to ``apply`` (a mask) are passed to every copy.
 
@@ -212,8 +218,18 @@ def repeat(block: Layer, n: int, name: str = "repeat") -> Layer:
       block: the layer to repeat.
       n: how many copies.
       name: the kind shown in summaries and errors.
+      unroll: ``lax.scan``'s ``unroll``: how many copies each loop iteration
+        runs (True: all, so no loop is left). The default unrolls stacks of up
+        to 4 copies and loops over deeper ones. A loop keeps XLA from fusing
+        across blocks and adds a slice and an update per stacked parameter;
+        for the MNIST-1D transformer (2 blocks) unrolling made a CPU training
+        step about a fifth faster, at the cost of compiling each copy.
     """
     errors.positive_int(n, name, "n")
+    if unroll is None:
+        unroll = n <= _UNROLL_UP_TO
+    if not isinstance(unroll, bool) and not (isinstance(unroll, int) and unroll >= 1):
+        errors.fail(name, f"unroll must be True, False or a positive int, got {unroll!r}")
 
     def init(key, x):
         keys = jax.random.split(key, n)
@@ -232,7 +248,7 @@ def repeat(block: Layer, n: int, name: str = "repeat") -> Layer:
             _same_struct(name, h, y, "a repeated block")
             return y.astype(h.dtype), s
 
-        y, new_state = jax.lax.scan(body, x, (params, state, keys), length=n)
+        y, new_state = jax.lax.scan(body, x, (params, state, keys), length=n, unroll=unroll)
         return y, new_state
 
     return from_stateful(init, apply, name=name, stateful=block.stateful)
