@@ -36,7 +36,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.core
-	$(PY) -m bench.train --repeats 2
+	$(PY) -m bench.step_overhead
+	$(PY) -m bench.floor
+	$(PY) -m bench.train --repeats 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

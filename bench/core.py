@@ -8,10 +8,11 @@ the contenders and the figure is the median over rounds, because this machine
 is shared and noisy.
 
 Where a model's hand-written version differs from fnnet's in one deliberate
-design choice, a third contender (``handwritten.VARIANTS``) writes it fnnet's
-way by hand: the GRU for one example batched with ``jax.vmap``; the transformer
-with its blocks in a ``lax.scan`` loop. That separates the cost of fnnet's
-abstractions from the cost of the choice.
+design choice, a third contender (``handwritten.VARIANTS``) writes that choice
+by hand: the GRU for one example batched with ``jax.vmap`` (fnnet's way); the
+transformer with its blocks in a ``lax.scan`` loop (how ``fnnet.repeat`` runs
+stacks of more than 4 blocks; it unrolls this one's 2). That separates the cost
+of fnnet's abstractions from the cost of the choice.
 
 Run: ``make bench`` (or ``python -m bench.core --rounds 15``).
 """

@@ -1,11 +1,22 @@
-"""Where fnnet's per-step overhead goes: the MLP's step at batch 100, rebuilt piece by piece.
+"""What detecting and skipping non-finite steps costs: the MLP's step at batch 100.
 
 ``python -m bench.step_overhead`` prints the median microseconds per donated call
-(5 interleaved rounds of 1000 calls, one process) of a copy of
-``make_train_step``'s step and of variants: without the per-example dropout keys,
-without the non-finite check and its ``lax.cond``, with a select on every leaf
-instead of the cond, and without keys and check. It is a lead for the training
-issue's per-step target, not a figure in docs/benchmarks.md.
+(5 interleaved rounds of 1000 calls, one process) of:
+
+- ``make_train_step``: the engine's step as it ships: it records the first
+  non-finite step inside the program and applies every update;
+- ``skip_nonfinite=True``: the same step skipping a non-finite update with one
+  ``lax.cond``;
+- ``select per leaf``: the skip written as a ``jnp.where`` on every parameter and
+  optimizer leaf instead of the cond;
+- ``no check``: the step with no finiteness check at all;
+- ``hand-written``: the same arithmetic written batch-major in jax.numpy.
+
+The gap between the first two is why skipping is opt-in: the skip must wait for
+every gradient and a reduction over all of them before the first parameter may
+change, so the optimizer can no longer update one layer while the backward pass
+still works on the next. Detection alone runs beside the update and costs
+next to nothing.
 """
 
 from __future__ import annotations
@@ -17,85 +28,82 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import fnnet
-from fnnet.train import init_state, softmax_cross_entropy
+from bench import handwritten
+from fnnet.train import init_state, make_train_step, softmax_cross_entropy
 from fnnet.train._step import _all_finite
 
-VARIANTS = {
-    "as make_train_step": {"keys": True, "check": "cond"},
-    "no keys": {"keys": False, "check": "cond"},
-    "no check": {"keys": True, "check": "none"},
-    "select, not cond": {"keys": True, "check": "select"},
-    "no keys, no check": {"keys": False, "check": "none"},
-}
 
+def _variant(model, tx, check: str):
+    """A plain step (no engine bookkeeping) with the check written one way."""
 
-def make_step(model, tx, *, keys: bool, check: str):
-    """A train step like ``make_train_step``'s, with its parts switched on or off."""
-
-    def loss_fn(params, x, y, step_keys):
-        def forward(x, key):
-            return model.apply(params, x, key=key, train=True)
-
-        if keys:
-            out = jax.vmap(forward, axis_name="batch")(x, step_keys)
-        else:
-            out = jax.vmap(lambda x: forward(x, None), axis_name="batch")(x)
+    def loss_fn(params, x, y):
+        out = jax.vmap(lambda x: model.apply(params, x, train=True), axis_name="batch")(x)
         return jnp.mean(jax.vmap(softmax_cross_entropy)(out, y))
 
     def step(state, batch):
-        x, y = batch
-        step_keys = None
-        if keys:
-            step_keys = jax.random.split(jax.random.fold_in(state.key, state.step), x.shape[0])
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y, step_keys)
-
-        def update():
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state
-
-        finite = jnp.isfinite(loss) & _all_finite(grads)
-        if check == "cond":
-            params, opt_state = jax.lax.cond(
-                finite, update, lambda: (state.params, state.opt_state)
-            )
-        elif check == "select":
-            new = update()
-            params, opt_state = jax.tree.map(
-                lambda n, o: jnp.where(finite, n, o), new, (state.params, state.opt_state)
-            )
-        else:
-            params, opt_state = update()
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, *batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new = (optax.apply_updates(state.params, updates), opt_state)
+        if check == "select":
+            finite = jnp.isfinite(loss) & _all_finite(grads)
+            old = (state.params, state.opt_state)
+            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        params, opt_state = new
         return state._replace(params=params, opt_state=opt_state, step=state.step + 1), loss
 
     return step
 
 
+def _hand_written(tx):
+    def loss_fn(params, x, y):
+        logits = handwritten.mlp_forward(params, x)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    def step(state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, *batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state._replace(params=params, opt_state=opt_state), loss
+
+    return step
+
+
 def main(rounds: int = 5, calls: int = 1000) -> dict[str, float]:
-    model = fnnet.models.mlp(10, (100, 100), residual=True)
+    model = handwritten.CASES[next(k for k in handwritten.CASES if k.startswith("mlp"))][0]
     tx = optax.adam(1e-2)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((100, 40)), jnp.float32)
     y = jnp.asarray(np.arange(100) % 10, jnp.int32)
     state = init_state(model, tx, x[0], seed=0)
     steps = {
-        name: jax.jit(make_step(model, tx, **kw), donate_argnums=0) for name, kw in VARIANTS.items()
+        "make_train_step": make_train_step(model, tx, softmax_cross_entropy),
+        "skip_nonfinite=True": make_train_step(
+            model, tx, softmax_cross_entropy, skip_nonfinite=True
+        ),
+        "select per leaf": _variant(model, tx, "select"),
+        "no check": _variant(model, tx, "none"),
+        "hand-written": _hand_written(tx),
     }
+    steps = {name: jax.jit(step, donate_argnums=0) for name, step in steps.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             s = jax.tree.map(jnp.copy, state)
             for _ in range(50):  # compile and warm up
-                s, _loss = step(s, (x, y))
+                s, _metrics = step(s, (x, y))
             jax.block_until_ready(s)
             start = time.perf_counter()
             for _ in range(calls):
-                s, _loss = step(s, (x, y))
+                s, _metrics = step(s, (x, y))
             jax.block_until_ready(s)
             times[name].append((time.perf_counter() - start) / calls * 1e6)
     medians = {name: float(np.median(t)) for name, t in times.items()}
+    print(f"MNIST-1D MLP step, batch 100, Adam; median of {rounds} rounds of {calls} calls")
+    print()
+    print("| step | us per call |")
+    print("|---|---:|")
     for name, us in medians.items():
-        print(f"{name:20s} {us:6.0f} us/step")
+        print(f"| {name} | {us:.0f} |")
     return medians
 
 
