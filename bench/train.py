@@ -37,7 +37,7 @@ compile time is the first call minus one steady call. Contenders are
 interleaved and rotated within each repeat, and the tables report medians over
 repeats; each ratio is the median over repeats of that repeat's ratio.
 
-Run: ``python -m bench.train`` (full: 10 to 15 minutes on two CPU cores), or
+Run: ``python -m bench.train`` (full: about 20 minutes on two CPU cores), or
 ``python -m bench.train --models mlp --repeats 1 --steps 20`` to try it.
 One measurement: ``python -m bench.train --one mlp 100 fnnet --steps 200 --json``.
 """
@@ -77,20 +77,20 @@ PER_STEP_BASELINES = (*HANDWRITTEN, *FLAX)
 SEEDS = 8
 LEARNING_RATE = 1e-2
 
-# Timed steps per measurement: from a few tenths of a second (the MLP) to a few
-# seconds (the transformer at batch 1024) on two CPU cores. Start-up, model
-# initialization and compilation (5 to 12 s a process) dominate, so the default
-# run (3 repeats of 49 processes) takes 10 to 15 minutes on two CPU cores.
-# Rounded up to a whole number of fused chunks.
-DEFAULT_STEPS = {
-    ("mlp", 100): 800,
-    ("mlp", 1024): 300,
-    ("cnn", 100): 400,
-    ("cnn", 1024): 60,
-    ("gru", 100): 200,
-    ("gru", 1024): 30,
-    ("transformer", 100): 40,
-    ("transformer", 1024): 6,
+# Timed steps per measurement, rounded up to a whole number of fused chunks:
+# about a second of each cell (shorter windows let the shared machine's noise
+# swamp the comparison). Start-up, model initialization and compilation (5 to
+# 12 s a process) still dominate; the default run (3 repeats of 57 processes)
+# takes about 20 minutes on two CPU cores.
+DEFAULT_STEPS = {  # about a second of timed steps per cell on the 2-core development machine
+    ("mlp", 100): 6000,
+    ("mlp", 1024): 1000,
+    ("cnn", 100): 1600,
+    ("cnn", 1024): 240,
+    ("gru", 100): 1000,
+    ("gru", 1024): 120,
+    ("transformer", 100): 120,
+    ("transformer", 1024): 9,
 }
 
 LABELS = {
