@@ -428,15 +428,15 @@ def markdown(rows: list[dict], contenders) -> str:
         "Training steps per second (median; higher is faster) and speed ratios:",
         "",
         f"| model | params | batch | {head} | fnnet / jax.numpy | fnnet / best Flax "
-        "| fused / best per-step baseline |",
-        "|---|---:|---:|" + "---:|" * (len(shown) + 3),
+        "| fused / best per-step baseline | fused / fnnet |",
+        "|---|---:|---:|" + "---:|" * (len(shown) + 4),
     ]
     for r in rows:
         speeds = " | ".join(_speed(r["speed"].get(c)) for c in shown)
         out.append(
             f"| {r['model']} | {r['params']:,} | {r['batch']} | {speeds} "
             f"| {_fmt(r['fnnet_vs_jnp'], '.2f')} | {_fmt(r['fnnet_vs_flax'], '.2f')} "
-            f"| {_fmt(r['fused_vs_baseline'], '.2f')} |"
+            f"| {_fmt(r['fused_vs_baseline'], '.2f')} | {_fmt(r['fused_vs_fnnet'], '.2f')} |"
         )
     out += [
         "",

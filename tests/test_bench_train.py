@@ -118,6 +118,7 @@ def test_summary_ratios_are_medians_of_paired_ratios():
     assert row["seeds_time"] == pytest.approx(4.0)
     table = train.markdown([row], train.DEFAULT_CONTENDERS)
     assert "| mlp | 7 | 100 |" in table and "8 seeds" in table
+    assert "| fused / fnnet |" in table
 
 
 def test_command_line_one_cell_in_a_fresh_process(data, tmp_path):

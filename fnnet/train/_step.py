@@ -195,7 +195,7 @@ def make_train_step(
         backward pass and a reduction over every gradient before the first
         parameter may change, so the optimizer can no longer update one layer
         while the backward pass works on the next. On the CPU that costs a
-        small model's step about a quarter of its time (``python -m
+        small model's step 20 to 40% of its time (``python -m
         bench.step_overhead``). Detection is the same either way.
 
     Returns:
@@ -211,9 +211,9 @@ def make_train_step(
 
     To run it one step per call, jit it with the state donated,
     ``jax.jit(step, donate_argnums=0)``, and thread the returned state: the new
-    state then reuses the old one's buffers. Without donation XLA copies every
-    parameter and optimizer buffer that a skipped step would hand back unchanged,
-    which costs a small model's step on the CPU about a third of its time.
+    state then reuses the old one's buffers instead of allocating new ones (the
+    hand-written MLP step of docs/benchmarks.md runs 7% faster donated on the
+    CPU).
     ``make_fused_steps`` needs none of this (the state is a loop carry there).
     """
     metric_fns = dict(metric_fns or {})
