@@ -372,7 +372,9 @@ def summarize(records: list[dict]) -> list[dict]:
     ``fnnet_vs_flax`` (the repeat's fastest Flax contender), ``fused_vs_baseline``
     (fused against the repeat's fastest per-step baseline, hand-written or Flax),
     ``fused_vs_fnnet``, and ``seeds_time`` (wall time of 8 vmapped seeds over the
-    wall time of one seed, the same steps: the MLP).
+    wall time of one seed, the same steps: the MLP). ``compile_vs_jnp`` and
+    ``compile_vs_flax`` are fnnet's per-step compile time over the quickest
+    hand-written and Flax ones (a time ratio: above 1 means fnnet compiles slower).
     """
     cells: dict[tuple, dict] = {}
     for rec in records:
@@ -390,6 +392,16 @@ def summarize(records: list[dict]) -> list[dict]:
                 out.append(a["steps_per_s"] / max(speeds))
         return _median(out)
 
+    def compile_ratio(runs, num, den):
+        # Compile seconds of ``num`` over the quickest of ``den`` in each repeat.
+        out = []
+        for by in runs.values():
+            a = by.get(num)
+            times = [by[c]["compile_s"] for c in den if c in by and by[c]["compile_s"] > 0]
+            if a is not None and times:
+                out.append(a["compile_s"] / min(times))
+        return _median(out)
+
     rows = []
     for (model, batch), runs in cells.items():
         present = {c for by in runs.values() for c in by}
@@ -402,6 +414,8 @@ def summarize(records: list[dict]) -> list[dict]:
         row["fnnet_vs_flax"] = ratio(runs, "fnnet", FLAX)
         row["fused_vs_baseline"] = ratio(runs, "fused", PER_STEP_BASELINES)
         row["fused_vs_fnnet"] = ratio(runs, "fused", ["fnnet"])
+        row["compile_vs_jnp"] = compile_ratio(runs, "fnnet", HANDWRITTEN)
+        row["compile_vs_flax"] = compile_ratio(runs, "fnnet", FLAX)
         seeds = ratio(runs, "fused", ["fused8"])  # 1-seed speed / 8-seed speed = time8 / time1
         row["seeds_time"] = seeds
         rows.append(row)
@@ -440,14 +454,17 @@ def markdown(rows: list[dict], contenders) -> str:
         )
     out += [
         "",
-        "Compile time in seconds (first call minus one steady call; median):",
+        "Compile time in seconds (first call minus one steady call; median) and "
+        "fnnet's per-step compile time over the quickest hand-written and Flax ones "
+        "(below 1: fnnet compiles faster):",
         "",
-        f"| model | batch | {head} |",
-        "|---|---:|" + "---:|" * len(shown),
+        f"| model | batch | {head} | fnnet / jax.numpy | fnnet / quickest Flax |",
+        "|---|---:|" + "---:|" * (len(shown) + 2),
     ]
     for r in rows:
         times = " | ".join(_fmt(r["compile"].get(c), ".2f") for c in shown)
-        out.append(f"| {r['model']} | {r['batch']} | {times} |")
+        ratios = f"{_fmt(r['compile_vs_jnp'], '.2f')} | {_fmt(r['compile_vs_flax'], '.2f')}"
+        out.append(f"| {r['model']} | {r['batch']} | {times} | {ratios} |")
     for r in rows:
         if r["seeds_time"] is not None:
             out += [

@@ -109,7 +109,11 @@ def test_summary_ratios_are_medians_of_paired_ratios():
             _rec("mlp", 100, "fused8", 100, r),
         ]
     records.append({"model": "mlp", "batch": 100, "contender": "nnx", "error": "boom"})
+    for rec in records:  # fnnet compiles in 1.5 s, the linen contender in 0.5 s, the rest 1 s
+        rec["compile_s"] = {"fnnet": 1.5, "linen": 0.5}.get(rec["contender"], 1.0)
     (row,) = train.summarize(records)
+    assert row["compile_vs_jnp"] == pytest.approx(1.5)
+    assert row["compile_vs_flax"] == pytest.approx(3.0)  # against the quickest Flax
     assert row["speed"]["jnp"] == 100
     # Against the faster hand-written step of each repeat: median of 0.5, 0.8, 0.9.
     assert row["fnnet_vs_jnp"] == pytest.approx(0.8)
