@@ -67,14 +67,10 @@ HAND_FORWARD = {
 }
 
 
-def handwritten_contender(name, params, tx, *, donate: bool = False) -> Contender:
-    """Plain JAX: a jitted value_and_grad + optax update over the fnnet parameter tree.
-
-    ``params`` come from the fnnet model's ``init`` (initialization is not timed);
-    the forward pass is ``bench.handwritten``'s batched jax.numpy. With ``donate``
-    the step is jitted with ``donate_argnums=0`` and starts from a copy of
-    ``params``, so the caller's arrays stay valid.
-    """
+def handwritten_step(name, tx):
+    """The hand-written training step, unjitted: ``step((params, opt_state), (x, y))
+    -> ((params, opt_state), loss)``, a value_and_grad of ``bench.handwritten``'s
+    batched forward pass and an optax update."""
     forward = HAND_FORWARD[name]
 
     def step(state, batch):
@@ -84,9 +80,20 @@ def handwritten_contender(name, params, tx, *, donate: bool = False) -> Contende
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
+    return step
+
+
+def handwritten_contender(name, params, tx, *, donate: bool = False) -> Contender:
+    """Plain JAX: a jitted value_and_grad + optax update over the fnnet parameter tree.
+
+    ``params`` come from the fnnet model's ``init`` (initialization is not timed);
+    the forward pass is ``bench.handwritten``'s batched jax.numpy. With ``donate``
+    the step is jitted with ``donate_argnums=0`` and starts from a copy of
+    ``params``, so the caller's arrays stay valid.
+    """
     if donate:
         params = jax.tree.map(jnp.copy, params)
-    step = jax.jit(step, donate_argnums=0 if donate else ())
+    step = jax.jit(handwritten_step(name, tx), donate_argnums=0 if donate else ())
     return Contender((params, tx.init(params)), step, _same, count_params(params))
 
 

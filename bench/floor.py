@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from bench import handwritten
+from bench._train_baselines import handwritten_step
 from fnnet.train import init_replicas, init_state
 
 BATCH, EXAMPLES, REPLICAS = 100, 4000, 8
@@ -47,19 +48,8 @@ def _data(replicas: int | None):
     return jnp.asarray(x), jnp.asarray(y)
 
 
-def _loss(params, x, y):
-    logits = handwritten.mlp_forward(params, x)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
-
 TX = optax.adam(1e-2)
-
-
-def _step(state, batch):
-    params, opt_state = state
-    loss, grads = jax.value_and_grad(_loss)(params, *batch)
-    updates, opt_state = TX.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
+_step = handwritten_step("mlp", TX)
 
 
 def _epoch(step):

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from bench import handwritten
+from bench._train_baselines import handwritten_step
 from fnnet.train import init_state, make_train_step, softmax_cross_entropy
 from fnnet.train._step import _all_finite
 
@@ -54,20 +55,6 @@ def _variant(model, tx, check: str):
     return step
 
 
-def _hand_written(tx):
-    def loss_fn(params, x, y):
-        logits = handwritten.mlp_forward(params, x)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
-    def step(state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, *batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return state._replace(params=params, opt_state=opt_state), loss
-
-    return step
-
-
 def main(rounds: int = 5, calls: int = 1000) -> dict[str, float]:
     model = handwritten.CASES[next(k for k in handwritten.CASES if k.startswith("mlp"))][0]
     tx = optax.adam(1e-2)
@@ -82,13 +69,14 @@ def main(rounds: int = 5, calls: int = 1000) -> dict[str, float]:
         ),
         "select per leaf": _variant(model, tx, "select"),
         "no check": _variant(model, tx, "none"),
-        "hand-written": _hand_written(tx),
+        "hand-written": handwritten_step("mlp", tx),  # its state: (params, opt_state)
     }
     steps = {name: jax.jit(step, donate_argnums=0) for name, step in steps.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            s = jax.tree.map(jnp.copy, state)
+            start_state = (state.params, state.opt_state) if name == "hand-written" else state
+            s = jax.tree.map(jnp.copy, start_state)
             for _ in range(50):  # compile and warm up
                 s, _metrics = step(s, (x, y))
             jax.block_until_ready(s)
