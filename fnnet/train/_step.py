@@ -265,11 +265,10 @@ def make_train_step(
                 (state.params, state.opt_state, state.model_state),
             )
 
-        def keep_state():
-            return state.params, state.opt_state, state.model_state
-
         if skip_nonfinite:
-            params, opt_state, model_state = jax.lax.cond(finite, apply_update, keep_state)
+            params, opt_state, model_state = jax.lax.cond(
+                finite, apply_update, lambda: (state.params, state.opt_state, state.model_state)
+            )
         else:
             params, opt_state, model_state = apply_update()
 
