@@ -7,14 +7,15 @@ A layer is a :class:`Layer`, a named pair of pure functions ``init(key, x)`` and
 
 # The protocol and composition.
 from fnnet._src.errors import LayerError
-from fnnet._src.layer import Layer
-from fnnet._src.combinators import fn, parallel, repeat, residual, serial
+from fnnet._src.layer import Call, Layer, composite
+from fnnet._src.combinators import parallel, repeat, residual, serial
 
 # Neurons, dense layers, activations, dropout, normalization.
 from fnnet._src.dense import dense, neuron
 from fnnet._src.activations import (
     activation,
     elu,
+    fn,
     gelu,
     get_activation,
     identity,
@@ -38,7 +39,7 @@ from fnnet._src.positional import apply_rotary, learned_position, rotary, sinuso
 
 # Recurrence.
 from fnnet._src.cells import Cell, gru_cell, lstm_cell, simple_cell
-from fnnet._src.recurrent import bidirectional, gru, lstm, rnn, simple_rnn
+from fnnet._src.recurrent import bidirectional, gru, lstm, recurrent, simple_rnn
 
 # Attention and the transformer block.
 from fnnet._src.attention import init_attention_cache, multi_head_attention
@@ -47,66 +48,11 @@ from fnnet._src.transformer_block import transformer_block
 # Inspection.
 from fnnet._src.summary import Summary, summary
 
-# The four architectures.
-from fnnet import models
+# The four architectures, and the error helpers for writing layers.
+from fnnet import errors, models
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Cell",
-    "Layer",
-    "LayerError",
-    "Summary",
-    "activation",
-    "apply_rotary",
-    "attend",
-    "avg_pool",
-    "batch_norm",
-    "bidirectional",
-    "conv",
-    "conv1d",
-    "conv2d",
-    "dense",
-    "dropout",
-    "elu",
-    "embedding",
-    "flatten",
-    "fn",
-    "gelu",
-    "get_activation",
-    "global_avg_pool",
-    "global_max_pool",
-    "group_norm",
-    "gru",
-    "gru_cell",
-    "identity",
-    "init_attention_cache",
-    "layer_norm",
-    "leaky_relu",
-    "learned_position",
-    "log_softmax",
-    "lstm",
-    "lstm_cell",
-    "max_pool",
-    "models",
-    "multi_head_attention",
-    "neuron",
-    "parallel",
-    "relu",
-    "repeat",
-    "residual",
-    "rms_norm",
-    "rnn",
-    "rotary",
-    "serial",
-    "sigmoid",
-    "silu",
-    "simple_cell",
-    "simple_rnn",
-    "sinusoidal_position",
-    "softmax",
-    "softplus",
-    "summary",
-    "tanh",
-    "transformer_block",
-]
+# The public face is exactly what is imported above, so exporting a new layer is
+# one import line.
+__all__ = sorted(name for name in dir() if not name.startswith("_"))

@@ -32,6 +32,8 @@ class Case:
       apply_kwargs: extra keyword arguments for ``apply`` (masks, lengths).
       vmap_axis_name: name of the vmapped batch axis (BatchNorm's cross-example statistics).
       tol: tolerance for jit-vs-eager and vmap-vs-loop comparisons.
+      reference: optionally ``reference(params, x) -> y``, an independent computation
+        (NumPy, or written out by hand) that ``apply`` must equal, on one example.
     """
 
     name: str
@@ -44,6 +46,7 @@ class Case:
     apply_kwargs: dict = dataclasses.field(default_factory=dict)
     vmap_axis_name: str | None = None
     tol: float = 1e-5
+    reference: Callable[[Any, Any], Any] | None = None
 
 
 def normal(*shape: int) -> Callable[[np.random.Generator], np.ndarray]:

@@ -61,7 +61,7 @@ REFERENCES = {
 def test_activation_matches_numpy(case):
     kind, make, ref = REFERENCES[case]
     layer = make()
-    assert layer.name == kind
+    assert layer.kind == kind
     assert layer.init(jax.random.key(0), X) == {}
     np.testing.assert_allclose(layer.apply({}, X), ref(X.astype(np.float64)), rtol=1e-5, atol=1e-6)
 
@@ -82,14 +82,14 @@ def test_lookup_by_name_matches_the_factories():
         "identity",
     ):
         layer = fnnet.activation(name)
-        assert layer.name == name
+        assert layer.kind == name
         expected = getattr(fnnet, name)().apply({}, x)
         np.testing.assert_array_equal(layer.apply({}, x), expected)
         np.testing.assert_array_equal(fnnet.get_activation(name)(x), expected)
     assert fnnet.get_activation("gelu") is jax.nn.gelu
     assert fnnet.get_activation(jnp.sin) is jnp.sin
     layer = fnnet.activation(jnp.sin)
-    assert layer.name == "sin"
+    assert layer.kind == "sin"
     np.testing.assert_allclose(layer.apply({}, x), np.sin(X), rtol=1e-6)
 
 

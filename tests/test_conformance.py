@@ -4,6 +4,7 @@ For each case in ``registry.CASES``: ``init`` works from shapes alone, the shape
 predicted by ``jax.eval_shape`` equals the real output, ``jax.jit`` equals eager,
 ``jax.vmap`` equals a loop over examples, gradients with respect to params and
 inputs are finite, and a second jitted call with new data does not recompile.
+A case that carries a ``reference`` computation must also equal it.
 """
 
 from __future__ import annotations
@@ -146,13 +147,18 @@ def test_conformance(case):
     _check_shape_jit_and_compile_once(case, layer, x, params, state, f)
     _check_vmap_equals_loop(case, layer, params, state, f)
     _check_gradients_are_finite(case, layer, x, params, state)
+    if case.reference is not None:
+        y = _run(layer, case, params, state, x, _key(1))
+        with jax.numpy_rank_promotion("allow"):  # references broadcast as people write them
+            expected = case.reference(params, x)
+        _close(y, expected, case.tol)
 
 
 # Public names that do not build a Layer. A new public name is either covered by a
 # registry case or listed here, so nothing escapes the conformance checks unnoticed.
 NOT_LAYERS = {
-    "Cell", "Layer", "LayerError", "Summary", "summary", "models", "attend", "apply_rotary",
-    "get_activation", "init_attention_cache",
+    "Call", "Cell", "Layer", "LayerError", "Summary", "summary", "models", "errors",
+    "attend", "apply_rotary", "get_activation", "init_attention_cache",
     "simple_cell", "lstm_cell", "gru_cell",  # cells: covered through the rnn cases
     "models.generate", "models.init_cache", "models.config_of",
 }  # fmt: skip

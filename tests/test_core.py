@@ -128,7 +128,7 @@ def test_foreign_exceptions_get_a_note_with_the_path():
     def boom(x):
         raise TypeError("custom layer bug")
 
-    model = fnnet.serial(outer=fnnet.serial(inner=fnnet.fn(boom, name="boom")))
+    model = fnnet.serial(outer=fnnet.serial(inner=fnnet.fn(boom, kind="boom")))
     with pytest.raises(TypeError) as err:
         model.init(jax.random.key(0), jnp.zeros(2))
     assert "raised inside fnnet layer 'outer/inner'" in "".join(err.value.__notes__)

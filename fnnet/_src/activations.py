@@ -1,4 +1,4 @@
-"""Activation functions as parameter-free layers, and lookup by name.
+"""Functions as parameter-free layers: :func:`fn`, the activations, lookup by name.
 
 Each factory returns a :class:`Layer` with empty params whose kind is the
 activation's name, so ``serial(dense(100), relu(), dense(10))`` reads like the
@@ -14,13 +14,36 @@ Defaults match ``jax.nn`` (so ``gelu`` is the tanh approximation unless
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from fnnet._src import errors
-from fnnet._src.combinators import fn
 from fnnet._src.layer import Layer
+
+
+def fn(f: Callable[[Any], Any], kind: str | None = None) -> Layer:
+    """A parameter-free layer that applies ``f`` to its input.
+
+    Args:
+      f: any function of one example, e.g. ``jnp.tanh`` or ``lambda x: x[::2]``.
+      kind: the kind shown in summaries and errors (default: ``f.__name__``).
+
+    Returns:
+      A stateless layer with empty parameters.
+    """
+    kind = kind or getattr(f, "__name__", "fn")
+
+    def init(key, x):
+        del key, x
+        return {}
+
+    def apply(params, x, *, key=None, train=False):
+        del params, key, train
+        return f(x)
+
+    return Layer(init, apply, kind)
 
 
 def _number(value, kind: str, field: str) -> float:
@@ -48,7 +71,7 @@ def relu() -> Layer:
 
     Input: any shape. Output: the same shape.
     """
-    return fn(jax.nn.relu, name="relu")
+    return fn(jax.nn.relu, kind="relu")
 
 
 def gelu(approximate: bool = True) -> Layer:
@@ -62,7 +85,7 @@ def gelu(approximate: bool = True) -> Layer:
     """
     if not isinstance(approximate, bool):
         errors.fail("gelu", f"approximate must be True or False, got {approximate!r}")
-    return fn(lambda x: jax.nn.gelu(x, approximate=approximate), name="gelu")
+    return fn(lambda x: jax.nn.gelu(x, approximate=approximate), kind="gelu")
 
 
 def sigmoid() -> Layer:
@@ -70,7 +93,7 @@ def sigmoid() -> Layer:
 
     Input: any shape. Output: the same shape.
     """
-    return fn(jax.nn.sigmoid, name="sigmoid")
+    return fn(jax.nn.sigmoid, kind="sigmoid")
 
 
 def tanh() -> Layer:
@@ -78,7 +101,7 @@ def tanh() -> Layer:
 
     Input: any shape. Output: the same shape.
     """
-    return fn(jnp.tanh, name="tanh")
+    return fn(jnp.tanh, kind="tanh")
 
 
 def softmax(axis: int = -1) -> Layer:
@@ -90,7 +113,7 @@ def softmax(axis: int = -1) -> Layer:
     Input: any shape with ``axis``, e.g. ``(vocab,)`` or ``(seq, vocab)``.
     Output: the same shape.
     """
-    return fn(_along_axis("softmax", jax.nn.softmax, axis), name="softmax")
+    return fn(_along_axis("softmax", jax.nn.softmax, axis), kind="softmax")
 
 
 def log_softmax(axis: int = -1) -> Layer:
@@ -101,7 +124,7 @@ def log_softmax(axis: int = -1) -> Layer:
 
     Input: any shape with ``axis``. Output: the same shape.
     """
-    return fn(_along_axis("log_softmax", jax.nn.log_softmax, axis), name="log_softmax")
+    return fn(_along_axis("log_softmax", jax.nn.log_softmax, axis), kind="log_softmax")
 
 
 def silu() -> Layer:
@@ -109,7 +132,7 @@ def silu() -> Layer:
 
     Input: any shape. Output: the same shape.
     """
-    return fn(jax.nn.silu, name="silu")
+    return fn(jax.nn.silu, kind="silu")
 
 
 def elu(alpha: float = 1.0) -> Layer:
@@ -121,7 +144,7 @@ def elu(alpha: float = 1.0) -> Layer:
     Input: any shape. Output: the same shape.
     """
     alpha = _number(alpha, "elu", "alpha")
-    return fn(lambda x: jax.nn.elu(x, alpha=alpha), name="elu")
+    return fn(lambda x: jax.nn.elu(x, alpha=alpha), kind="elu")
 
 
 def leaky_relu(negative_slope: float = 0.01) -> Layer:
@@ -133,7 +156,7 @@ def leaky_relu(negative_slope: float = 0.01) -> Layer:
     Input: any shape. Output: the same shape.
     """
     slope = _number(negative_slope, "leaky_relu", "negative_slope")
-    return fn(lambda x: jax.nn.leaky_relu(x, negative_slope=slope), name="leaky_relu")
+    return fn(lambda x: jax.nn.leaky_relu(x, negative_slope=slope), kind="leaky_relu")
 
 
 def softplus() -> Layer:
@@ -141,7 +164,7 @@ def softplus() -> Layer:
 
     Input: any shape. Output: the same shape.
     """
-    return fn(jax.nn.softplus, name="softplus")
+    return fn(jax.nn.softplus, kind="softplus")
 
 
 def identity() -> Layer:
@@ -149,24 +172,11 @@ def identity() -> Layer:
 
     Input: any shape. Output: the same shape.
     """
-    return fn(jax.nn.identity, name="identity")
+    return fn(jax.nn.identity, kind="identity")
 
 
-# The names accepted by `activation` and `get_activation`, with defaults as in jax.nn.
-_LAYERS: dict[str, Callable[[], Layer]] = {
-    "relu": relu,
-    "gelu": gelu,
-    "sigmoid": sigmoid,
-    "tanh": tanh,
-    "softmax": softmax,
-    "log_softmax": log_softmax,
-    "silu": silu,
-    "elu": elu,
-    "leaky_relu": leaky_relu,
-    "softplus": softplus,
-    "identity": identity,
-}
-
+# The one table of names accepted by `activation` and `get_activation`, with
+# defaults as in jax.nn (the factories above give the same functions).
 _FUNCTIONS: dict[str, Callable] = {
     "relu": jax.nn.relu,
     "gelu": jax.nn.gelu,
@@ -204,8 +214,8 @@ def activation(name_or_callable: str | Callable) -> Layer:
     Input: any shape. Output: whatever the activation gives (the same shape for
     all the named ones).
     """
-    if isinstance(name_or_callable, str) and name_or_callable in _LAYERS:
-        return _LAYERS[name_or_callable]()
+    if isinstance(name_or_callable, str) and name_or_callable in _FUNCTIONS:
+        return fn(_FUNCTIONS[name_or_callable], kind=name_or_callable)
     if callable(name_or_callable):
         return fn(name_or_callable)
     _unknown("activation", name_or_callable)

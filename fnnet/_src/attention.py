@@ -8,7 +8,11 @@ fewer key/value heads than query heads (grouped-query attention) query head ``n`
 reads key/value head ``n // (heads // kv_heads)``.
 
 The scores, masking and softmax are left to ``jax.nn.dot_product_attention``, so
-``implementation="cudnn"`` runs the fused cuDNN kernel on GPUs.
+``implementation="cudnn"`` runs the fused cuDNN kernel on GPUs. Its XLA path
+computes the softmax in float32 whatever the input dtype: bfloat16 inputs gain
+precision there, and float64 inputs lose it (the attention weights are float32
+before they are cast back), so float64 attention agrees with a float64 reference
+to about 1e-7, not to float64 precision.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fnnet._src import errors
+from fnnet._src import checks, errors
+from fnnet._src.checks import compute_dtype
 from fnnet._src.layer import Layer
 
 _KIND = "attention"
@@ -44,12 +49,7 @@ def init_attention_cache(max_len: int, num_kv_heads: int, head_dim: int, dtype=j
 
 
 def _check_sequence(x, what: str) -> None:
-    if len(x.shape) != 2:
-        errors.fail(
-            _KIND,
-            f"expected {what} of shape (seq, features) for one example, got shape "
-            f"{tuple(x.shape)}; batch with jax.vmap",
-        )
+    checks.sequence(_KIND, x, what)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         errors.fail(_KIND, f"expected a floating-point {what}, got dtype {x.dtype}")
 
@@ -241,8 +241,7 @@ def multi_head_attention(
                 "call apply(..., key=jax.random.key(...), train=True)",
             )
         # Explicit, so strict dtype promotion still lets bfloat16 inputs meet float32 weights.
-        with jax.numpy_dtype_promotion("standard"):
-            dtype = jnp.promote_types(x.dtype, params["q"]["w"].dtype)
+        dtype = compute_dtype(x.dtype, params["q"]["w"].dtype)
 
         q = _project(params["q"], x, dtype)  # (seq, heads, head_dim)
         k = _project(params["k"], source, dtype)  # (kv_seq, kv_heads, head_dim)
@@ -288,7 +287,7 @@ def multi_head_attention(
         fits = cache["index"] <= jnp.int32(cache["k"].shape[0])
         return jnp.where(fits, y, jnp.full_like(y, jnp.nan)), cache
 
-    return Layer(init, apply, name=_KIND)
+    return Layer(init, apply, _KIND)
 
 
 def _rotate(q, k, q_positions, k_positions, base: float):

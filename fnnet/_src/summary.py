@@ -124,7 +124,7 @@ def summary(model: Layer, x: Any, *, flops: bool = True) -> Summary:
     def shape_of(out):
         return jax.tree.map(lambda a: tuple(a.shape), out)
 
-    rows = [Row("", model.name, shape_of(y), _count(params))]
+    rows = [Row("", model.kind, shape_of(y), _count(params))]
     rows += [Row(path, kind, shape_of(out), _count(p)) for path, kind, p, out in log]
 
     fwd = train = None
