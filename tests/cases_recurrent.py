@@ -20,9 +20,9 @@ CASES = [
     Case("gru_last", lambda: fnnet.gru(4, return_sequences=False), normal(5, 3), ("gru",)),
     Case(
         "rnn_lstm_cell_reverse_carry",
-        lambda: fnnet.rnn(fnnet.lstm_cell(4), reverse=True, return_carry=True),
+        lambda: fnnet.recurrent(fnnet.lstm_cell(4), reverse=True, return_carry=True),
         normal(5, 3),
-        ("rnn",),
+        ("recurrent",),
     ),
     Case(
         "bidirectional",

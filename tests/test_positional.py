@@ -61,7 +61,7 @@ def test_sinusoidal_errors():
         fnnet.sinusoidal_position().init(jax.random.key(0), jnp.zeros((3, 5)))
     with pytest.raises(fnnet.LayerError, match="sequence length 4 exceeds max_len 3"):
         fnnet.sinusoidal_position(max_len=3).apply({}, jnp.zeros((4, 2)))
-    with pytest.raises(fnnet.LayerError, match=r"expected one example \(seq, features\)"):
+    with pytest.raises(fnnet.LayerError, match=r"expected one example of shape \(seq, features\)"):
         fnnet.sinusoidal_position().apply({}, jnp.zeros((2, 4, 2)))
     with pytest.raises(fnnet.LayerError, match="max_len must be a positive integer"):
         fnnet.sinusoidal_position(max_len=0)

@@ -78,7 +78,7 @@ def test_matches_flax_with_lengths(kind, reverse, rng):
     convert = _from_flax_lstm if kind == "lstm" else _from_flax_gru
     params = {"cell": convert(variables["params"]["cell"])}
     layer = getattr(fnnet, kind)(HIDDEN, reverse=reverse, return_carry=True)
-    carry, ys = jax.vmap(lambda x, n: layer.apply(params, x, lengths=n))(xs, lengths)
+    ys, carry = jax.vmap(lambda x, n: layer.apply(params, x, lengths=n))(xs, lengths)
 
     for b, n in enumerate(lengths.tolist()):
         _close(ys[b, :n], flax_ys[b, :n])
@@ -118,7 +118,7 @@ def test_simple_rnn_matches_numpy(reverse, rng):
     x = rng.standard_normal((SEQ, FEATURES)).astype(np.float32)
     layer = fnnet.simple_rnn(HIDDEN, reverse=reverse, return_carry=True)
     params = _random_params(layer, x, rng)
-    h, ys = layer.apply(params, jnp.asarray(x))
+    ys, h = layer.apply(params, jnp.asarray(x))
     expected_ys, expected_h = _numpy_elman(params, x, reverse)
     _close(ys, expected_ys)
     _close(h, expected_h)
@@ -206,9 +206,9 @@ def test_initial_carry_continues_a_sequence(rng):
     x = jnp.asarray(rng.standard_normal((SEQ, FEATURES)).astype(np.float32))
     layer = fnnet.lstm(HIDDEN, return_carry=True)
     params = _random_params(layer, x, rng)
-    _, whole = layer.apply(params, x)
-    carry, first = layer.apply(params, x[:2])
-    _, rest = layer.apply(params, x[2:], initial_carry=carry)
+    whole, _ = layer.apply(params, x)
+    first, carry = layer.apply(params, x[:2])
+    rest, _ = layer.apply(params, x[2:], initial_carry=carry)
     _close(jnp.concatenate([first, rest]), whole)
 
 
@@ -226,7 +226,7 @@ def test_input_projection_is_hoisted_out_of_the_scan_unless_the_input_is_narrow(
     scan never carries the wider projected sequence."""
     gates = make(HIDDEN).init(jax.random.key(0), 1)["input"]["w"].shape[1]
     for features, hoisted in ((gates, True), (gates - 1, False)):
-        layer = fnnet.rnn(make(HIDDEN))
+        layer = fnnet.recurrent(make(HIDDEN))
         x = jax.ShapeDtypeStruct((SEQ, features), jnp.float32)
         params = jax.eval_shape(layer.init, jax.random.key(0), x)
         jaxpr = jax.make_jaxpr(layer.apply)(params, x).jaxpr
@@ -247,7 +247,7 @@ def test_narrow_and_hoisted_projections_agree(make):
     x = jax.random.normal(jax.random.key(1), (SEQ, 1))
     cell = make(HIDDEN)
     gates = cell.init(jax.random.key(0), 1)["input"]["w"].shape[1]
-    layer = fnnet.rnn(cell, return_sequences=True)
+    layer = fnnet.recurrent(cell, return_sequences=True)
     narrow = layer.init(jax.random.key(2), x)
     wide_x = jnp.pad(x, ((0, 0), (0, gates - 1)))
     wide = jax.tree.map(lambda a: a, narrow)
@@ -283,7 +283,7 @@ def test_computes_in_the_input_dtype():
         (lambda: fnnet.simple_cell(-1), "simple_cell: hidden must be a positive integer"),
         (lambda: fnnet.lstm_cell(4, forget_bias="1"), "forget_bias must be a number"),
         (lambda: fnnet.simple_rnn(4, activation=3), "activation must be a callable"),
-        (lambda: fnnet.rnn(fnnet.lstm(4)), "expected a Cell"),
+        (lambda: fnnet.recurrent(fnnet.lstm(4)), "expected a Cell"),
         (lambda: fnnet.bidirectional(fnnet.gru_cell(4), merge="max"), "merge must be one of"),
         (
             lambda: fnnet.bidirectional(fnnet.gru_cell(4), fnnet.gru_cell(2), merge="sum"),

@@ -1,6 +1,6 @@
 """Recurrent cells: one time step of an Elman RNN, an LSTM and a GRU.
 
-A cell is not a layer: it is the body of a recurrence, which :func:`fnnet.rnn`
+A cell is not a layer: it is the body of a recurrence, which :func:`fnnet.recurrent`
 runs over a sequence with ``jax.lax.scan``. Every cell splits its update into
 
 * ``project``: the input term of every gate, for all time steps at once. It does
@@ -32,7 +32,7 @@ Carry = Any
 
 
 class Cell(NamedTuple):
-    """One step of a recurrence as pure functions; :func:`fnnet.rnn` runs it over time.
+    """One step of a recurrence as pure functions; :func:`fnnet.recurrent` runs it over time.
 
     Attributes:
       init: ``init(key, input_features) -> params``.
@@ -42,7 +42,7 @@ class Cell(NamedTuple):
       project: ``project(params, xs) -> projected``: the input term of every gate for
         all steps at once, ``(seq, features) -> (seq, gates * hidden)``, and for one
         step, ``(features,) -> (gates * hidden,)``: for inputs narrower than the
-        gates :func:`fnnet.rnn` projects each step inside its loop.
+        gates :func:`fnnet.recurrent` projects each step inside its loop.
       step: ``step(params, carry, projected_t) -> (carry, h_t)``: one time step from
         one row ``(gates * hidden,)`` of ``project``'s output; ``h_t`` is ``(hidden,)``.
       hidden: the size of the hidden state.

@@ -10,26 +10,8 @@ import jax.numpy as jnp
 
 from fnnet._src import errors
 from fnnet._src.activations import get_activation
+from fnnet._src.checks import compute_dtype, feature_axis
 from fnnet._src.layer import Layer
-
-
-def compute_dtype(x_dtype: Any, param_dtype: Any) -> jnp.dtype:
-    """The dtype a layer computes in: its input's and its params' common type.
-
-    Tests (and careful users) turn on strict dtype promotion, under which even
-    ``bfloat16`` and ``float32`` do not mix implicitly; the layer picks the common
-    type under the standard rules and casts both operands to it explicitly, so an
-    integer or ``bfloat16`` input meets ``float32`` weights without complaint.
-    """
-    with jax.numpy_dtype_promotion("standard"):
-        return jnp.promote_types(x_dtype, param_dtype)
-
-
-def _last_dim(kind: str, x: Any) -> int:
-    shape = jnp.shape(x)
-    if len(shape) == 0:
-        errors.fail(kind, "expected an input with a feature axis, got a scalar (shape ())")
-    return shape[-1]
 
 
 def dense(
@@ -71,7 +53,7 @@ def dense(
     b_init = b_init or jax.nn.initializers.zeros
 
     def init(key, x):
-        in_features = _last_dim("dense", x)
+        in_features = feature_axis("dense", x)
         w_key, b_key = jax.random.split(key)
         params = {"w": w_init(w_key, (in_features, features), param_dtype)}
         if use_bias:
@@ -81,7 +63,7 @@ def dense(
     def apply(params, x, *, key=None, train=False):
         del key, train
         w = params["w"]
-        in_features = _last_dim("dense", x)
+        in_features = feature_axis("dense", x)
         if w.shape[-1] != features:
             errors.fail(
                 "dense",

@@ -10,7 +10,9 @@ differ in which numbers the statistics are taken over:
 
 Statistics are computed in at least ``float32`` and the output has the common
 dtype of input and params. Defaults for ``epsilon`` and ``momentum`` are Flax's,
-so a model moved between the two gives the same numbers.
+so a model moved between the two gives the same numbers: ``epsilon`` is ``1e-6``
+for layer, RMS and group norm and ``1e-5`` for batch norm (PyTorch uses ``1e-5``
+for all four), added to the variance (or mean square) inside the square root.
 """
 
 from __future__ import annotations
@@ -21,25 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from fnnet._src import errors
+from fnnet._src.checks import compute_dtype, feature_axis
 from fnnet._src.layer import Layer
 
 
-def _dtype(x_dtype: Any) -> jnp.dtype:
-    # Under strict promotion even bfloat16 and float32 do not mix implicitly, so
-    # the common type is found under the standard rules and cast to explicitly.
-    with jax.numpy_dtype_promotion("standard"):
-        return jnp.promote_types(x_dtype, jnp.float32)
-
-
-def _features(kind: str, x: Any) -> int:
-    shape = jnp.shape(x)
-    if len(shape) == 0:
-        errors.fail(kind, "expected an input with a feature axis, got a scalar (shape ())")
-    return shape[-1]
-
-
 def _check_params(kind: str, params: dict, x: Any) -> None:
-    features = _features(kind, x)
+    features = feature_axis(kind, x)
     for name, p in params.items():
         if p.shape != (features,):
             errors.fail(
@@ -108,13 +97,13 @@ def layer_norm(*, epsilon: float = 1e-6, use_scale: bool = True, use_bias: bool 
 
     def init(key, x):
         del key
-        return _affine_params(_features("layer_norm", x), use_scale, use_bias)
+        return _affine_params(feature_axis("layer_norm", x), use_scale, use_bias)
 
     def apply(params, x, *, key=None, train=False):
         del key, train
         _check_params("layer_norm", params, x)
         out = _output_dtype(x.dtype)
-        x = jnp.asarray(x).astype(_dtype(x.dtype))
+        x = jnp.asarray(x).astype(compute_dtype(x.dtype, jnp.float32))
         mean = jnp.mean(x, axis=-1, keepdims=True)  # (..., 1)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
         return _scale_and_shift((x - mean) * jax.lax.rsqrt(var + epsilon), params).astype(out)
@@ -139,13 +128,13 @@ def rms_norm(*, epsilon: float = 1e-6) -> Layer:
 
     def init(key, x):
         del key
-        return _affine_params(_features("rms_norm", x), True, False)
+        return _affine_params(feature_axis("rms_norm", x), True, False)
 
     def apply(params, x, *, key=None, train=False):
         del key, train
         _check_params("rms_norm", params, x)
         out = _output_dtype(x.dtype)
-        x = jnp.asarray(x).astype(_dtype(x.dtype))
+        x = jnp.asarray(x).astype(compute_dtype(x.dtype, jnp.float32))
         mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)  # (..., 1)
         return _scale_and_shift(x * jax.lax.rsqrt(mean_square + epsilon), params).astype(out)
 
@@ -175,7 +164,7 @@ def group_norm(num_groups: int, *, epsilon: float = 1e-6) -> Layer:
     epsilon = _epsilon(epsilon, "group_norm")
 
     def _channels(x) -> int:
-        channels = _features("group_norm", x)
+        channels = feature_axis("group_norm", x)
         if channels % num_groups:
             errors.fail(
                 "group_norm",
@@ -194,7 +183,7 @@ def group_norm(num_groups: int, *, epsilon: float = 1e-6) -> Layer:
         _check_params("group_norm", params, x)
         shape = jnp.shape(x)
         out = _output_dtype(x.dtype)
-        x = jnp.asarray(x).astype(_dtype(x.dtype))
+        x = jnp.asarray(x).astype(compute_dtype(x.dtype, jnp.float32))
         grouped = jnp.reshape(x, (*shape[:-1], num_groups, channels // num_groups))
         # Every axis except the group axis: positions and channels within the group.
         axes = (*range(grouped.ndim - 2), grouped.ndim - 1)
@@ -218,6 +207,9 @@ def batch_norm(*, momentum: float = 0.99, epsilon: float = 1e-5, axis_name: str 
       ``axis_name``; so it must run under ``jax.vmap(..., axis_name=axis_name)``.
       The running averages move towards them:
       ``running = momentum * running + (1 - momentum) * batch_statistic``.
+      The variance is the biased one (divided by the number of values, as Flax
+      does); PyTorch's running variance uses the unbiased estimate (divided by
+      one less), so running variances differ by that factor between the two.
     * ``train=False``: the running averages are used, and the state is returned
       unchanged; no batch axis is needed.
 
@@ -253,7 +245,7 @@ def batch_norm(*, momentum: float = 0.99, epsilon: float = 1e-5, axis_name: str 
 
     def init(key, x):
         del key
-        features = _features("batch_norm", x)
+        features = feature_axis("batch_norm", x)
         state = {
             "mean": jnp.zeros((features,), jnp.float32),
             "var": jnp.ones((features,), jnp.float32),
@@ -278,7 +270,7 @@ def batch_norm(*, momentum: float = 0.99, epsilon: float = 1e-5, axis_name: str 
         del key
         _check_params("batch_norm", {**params, **state}, x)
         out = _output_dtype(x.dtype)
-        x = jnp.asarray(x).astype(_dtype(x.dtype))
+        x = jnp.asarray(x).astype(compute_dtype(x.dtype, jnp.float32))
         if train:
             mean, var = _batch_statistics(x)
             # Running averages are statistics, not trained: no gradient flows into them.

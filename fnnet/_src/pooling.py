@@ -181,6 +181,11 @@ def global_max_pool() -> Layer:
 def flatten() -> Layer:
     """Flattens one example into a vector (batch with ``jax.vmap``, so no batch axis).
 
+    The order is row-major over the example's own axes, so an image ``(height,
+    width, channels)`` becomes ``[x[0, 0, :], x[0, 1, :], ...]``: channels vary
+    fastest. (PyTorch's ``(channels, height, width)`` layout flattens channels
+    slowest; weights moved across must be permuted accordingly.)
+
     Input: any shape ``(...)``. Output: ``(prod(...),)``.
     """
 

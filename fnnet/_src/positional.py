@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fnnet._src import errors
+from fnnet._src import checks, errors
 from fnnet._src.layer import Layer
 
 
@@ -81,16 +81,7 @@ def sinusoidal_table(positions: jax.Array, features: int, *, base: float = 10000
 
 
 def _check_sequence(kind: str, shape, max_len: int | None) -> None:
-    if len(shape) != 2:
-        errors.fail(
-            kind,
-            f"expected one example (seq, features), got shape {tuple(shape)} (batch with jax.vmap)",
-        )
-    if max_len is not None and shape[0] > max_len:
-        errors.fail(
-            kind,
-            f"sequence length {shape[0]} exceeds max_len {max_len} (input shape {tuple(shape)})",
-        )
+    checks.sequence(kind, jax.ShapeDtypeStruct(tuple(shape), jnp.float32), max_len=max_len)
 
 
 def sinusoidal_position(*, max_len: int | None = None, base: float = 10000.0) -> Layer:

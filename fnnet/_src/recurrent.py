@@ -1,4 +1,4 @@
-"""Sequence layers that run a recurrent cell over time: rnn, lstm, gru, bidirectional.
+"""Sequence layers that run a recurrent cell over time: recurrent, lstm, gru, bidirectional.
 
 Each layer takes one example ``(seq, features)``; batch with ``jax.vmap``. When
 the input is at least as wide as the gates it feeds, the input projection of
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fnnet._src import errors
+from fnnet._src import checks, errors
 from fnnet._src.cells import Cell, gru_cell, hidden_state, lstm_cell, simple_cell
 from fnnet._src.layer import Layer
 
@@ -33,15 +33,10 @@ from fnnet._src.layer import Layer
 
 
 def _check_sequence(kind: str, x) -> None:
-    if len(x.shape) != 2:
-        errors.fail(
-            kind,
-            f"expected one example of shape (seq, features), got shape {tuple(x.shape)}; "
-            "batch with jax.vmap",
-        )
+    checks.sequence(kind, x)
 
 
-def _valid_steps(kind: str, seq: int, lengths, mask) -> jax.Array | None:
+def valid_steps(kind: str, seq: int, lengths, mask) -> jax.Array | None:
     """The ``(seq,)`` bool mask of steps the recurrence reads, or None for all."""
     if lengths is not None and mask is not None:
         errors.fail(kind, "pass lengths or mask, not both")
@@ -146,13 +141,13 @@ def _check_cell(kind: str, cell) -> None:
 # --- Layers ----------------------------------------------------------------------
 
 
-def rnn(
+def recurrent(
     cell: Cell,
     *,
     return_sequences: bool = True,
     reverse: bool = False,
     return_carry: bool = False,
-    name: str = "rnn",
+    kind: str = "recurrent",
 ) -> Layer:
     """Runs a recurrent cell over a sequence with ``jax.lax.scan``.
 
@@ -165,7 +160,7 @@ def rnn(
         ``seq - 1 .. t``, and the final state is the one after reading step 0.
       return_carry: also return the cell's final carry (an LSTM's ``{"h", "c"}``),
         e.g. to start a decoder from it through ``initial_carry``.
-      name: the kind shown in summaries and errors.
+      kind: the kind shown in summaries and errors.
 
     ``apply(params, x, *, lengths=None, mask=None, initial_carry=None, key=None,
     train=False)`` takes:
@@ -181,25 +176,26 @@ def rnn(
 
     Shapes (one example; batch with ``jax.vmap``):
       input ``(seq, features)``; output ``(seq, hidden)`` when ``return_sequences``,
-      else ``(hidden,)``; with ``return_carry``, the pair ``(carry, output)``.
+      else ``(hidden,)``; with ``return_carry``, the pair ``(output, carry)``: output
+      first, as every layer returns it (see :class:`fnnet.Layer`).
 
     Params: ``{"cell": <the cell's params>}``.
     """
-    _check_cell(name, cell)
+    _check_cell(kind, cell)
 
     def init(key, x):
-        _check_sequence(name, x)
+        _check_sequence(kind, x)
         return {"cell": cell.init(key, x.shape[-1])}
 
     def apply(params, x, *, lengths=None, mask=None, initial_carry=None, key=None, train=False):
         del key, train
-        _check_sequence(name, x)
-        valid = _valid_steps(name, x.shape[0], lengths, mask)
-        carry, ys = _run(name, cell, params["cell"], x, valid, initial_carry, reverse)
+        _check_sequence(kind, x)
+        valid = valid_steps(kind, x.shape[0], lengths, mask)
+        carry, ys = _run(kind, cell, params["cell"], x, valid, initial_carry, reverse)
         y = ys if return_sequences else hidden_state(carry)  # (seq, hidden) | (hidden,)
-        return (carry, y) if return_carry else y
+        return (y, carry) if return_carry else y
 
-    return Layer(init, apply, name)
+    return Layer(init, apply, kind)
 
 
 def simple_rnn(
@@ -211,12 +207,12 @@ def simple_rnn(
     return_carry: bool = False,
     param_dtype=jnp.float32,
 ) -> Layer:
-    """An Elman RNN, ``h_t = activation(W x_t + b + U h_{t-1})``: ``rnn(simple_cell(...))``.
+    """An Elman RNN, ``h_t = activation(W x_t + b + U h_{t-1})``: ``recurrent(simple_cell(...))``.
 
     Args:
       hidden: the size of the hidden state.
       activation: the cell's nonlinearity.
-      return_sequences, reverse, return_carry: as in :func:`rnn`, and so are
+      return_sequences, reverse, return_carry: as in :func:`recurrent`, and so are
         ``apply``'s ``lengths``, ``mask`` and ``initial_carry``.
       param_dtype: dtype of the parameters.
 
@@ -228,12 +224,12 @@ def simple_rnn(
     """
     errors.positive_int(hidden, "simple_rnn", "hidden")
     cell = simple_cell(hidden, activation=activation, param_dtype=param_dtype)
-    return rnn(
+    return recurrent(
         cell,
         return_sequences=return_sequences,
         reverse=reverse,
         return_carry=return_carry,
-        name="simple_rnn",
+        kind="simple_rnn",
     )
 
 
@@ -246,12 +242,12 @@ def lstm(
     return_carry: bool = False,
     param_dtype=jnp.float32,
 ) -> Layer:
-    """A long short-term memory layer: :func:`rnn` of :func:`lstm_cell`.
+    """A long short-term memory layer: :func:`recurrent` of :func:`lstm_cell`.
 
     Args:
       hidden: the size of the hidden and cell states.
       forget_bias: initial forget-gate bias (see :func:`lstm_cell`).
-      return_sequences, reverse, return_carry: as in :func:`rnn`, and so are
+      return_sequences, reverse, return_carry: as in :func:`recurrent`, and so are
         ``apply``'s ``lengths``, ``mask`` and ``initial_carry`` (here
         ``{"h": (hidden,), "c": (hidden,)}``).
       param_dtype: dtype of the parameters.
@@ -264,12 +260,12 @@ def lstm(
     """
     errors.positive_int(hidden, "lstm", "hidden")
     cell = lstm_cell(hidden, forget_bias=forget_bias, param_dtype=param_dtype)
-    return rnn(
+    return recurrent(
         cell,
         return_sequences=return_sequences,
         reverse=reverse,
         return_carry=return_carry,
-        name="lstm",
+        kind="lstm",
     )
 
 
@@ -281,11 +277,11 @@ def gru(
     return_carry: bool = False,
     param_dtype=jnp.float32,
 ) -> Layer:
-    """A gated recurrent unit layer: :func:`rnn` of :func:`gru_cell`.
+    """A gated recurrent unit layer: :func:`recurrent` of :func:`gru_cell`.
 
     Args:
       hidden: the size of the hidden state.
-      return_sequences, reverse, return_carry: as in :func:`rnn`, and so are
+      return_sequences, reverse, return_carry: as in :func:`recurrent`, and so are
         ``apply``'s ``lengths``, ``mask`` and ``initial_carry``.
       param_dtype: dtype of the parameters.
 
@@ -298,12 +294,12 @@ def gru(
     """
     errors.positive_int(hidden, "gru", "hidden")
     cell = gru_cell(hidden, param_dtype=param_dtype)
-    return rnn(
+    return recurrent(
         cell,
         return_sequences=return_sequences,
         reverse=reverse,
         return_carry=return_carry,
-        name="gru",
+        kind="gru",
     )
 
 
@@ -320,7 +316,7 @@ def bidirectional(
     *,
     return_sequences: bool = True,
     merge: str = "concat",
-    name: str = "bidirectional",
+    kind: str = "bidirectional",
 ) -> Layer:
     """Runs one cell forward and one backward over a sequence and merges them.
 
@@ -336,9 +332,9 @@ def bidirectional(
         step 0.
       merge: ``"concat"`` (forward first), ``"sum"`` or ``"mean"``; the latter two
         need equal hidden sizes.
-      name: the kind shown in summaries and errors.
+      kind: the kind shown in summaries and errors.
 
-    ``apply`` takes ``lengths`` or ``mask`` as :func:`rnn` does; for a right-padded
+    ``apply`` takes ``lengths`` or ``mask`` as :func:`recurrent` does; for a right-padded
     sequence the backward direction starts at the last valid step, so both
     directions at position ``t`` have read only valid steps.
 
@@ -348,16 +344,16 @@ def bidirectional(
       ``hidden`` otherwise.
 
     Params: ``{"forward": {"cell": ...}, "backward": {"cell": ...}}``; each direction's
-    tree is the params of ``rnn(cell)`` (resp. ``rnn(backward_cell, reverse=True)``).
+    tree is the params of ``recurrent(cell)`` (resp. ``recurrent(backward_cell, reverse=True)``).
     """
-    _check_cell(name, cell)
+    _check_cell(kind, cell)
     backward_cell = cell if backward_cell is None else backward_cell
-    _check_cell(name, backward_cell)
+    _check_cell(kind, backward_cell)
     if merge not in _MERGES:
-        errors.fail(name, f"merge must be one of {sorted(_MERGES)}, got {merge!r}")
+        errors.fail(kind, f"merge must be one of {sorted(_MERGES)}, got {merge!r}")
     if merge != "concat" and cell.hidden != backward_cell.hidden:
         errors.fail(
-            name,
+            kind,
             f"merge={merge!r} needs equal hidden sizes, got forward {cell.hidden} and "
             f"backward {backward_cell.hidden}; use merge='concat'",
         )
@@ -365,7 +361,7 @@ def bidirectional(
     directions = (("forward", cell, False), ("backward", backward_cell, True))
 
     def init(key, x):
-        _check_sequence(name, x)
+        _check_sequence(kind, x)
         params = {}
         for (direction, c, _), k in zip(directions, jax.random.split(key), strict=True):
             with errors.scope(direction):
@@ -374,13 +370,13 @@ def bidirectional(
 
     def apply(params, x, *, lengths=None, mask=None, key=None, train=False):
         del key, train
-        _check_sequence(name, x)
-        valid = _valid_steps(name, x.shape[0], lengths, mask)
+        _check_sequence(kind, x)
+        valid = valid_steps(kind, x.shape[0], lengths, mask)
         outs = []
         for direction, c, reverse in directions:
             with errors.scope(direction):
-                carry, ys = _run(name, c, params[direction]["cell"], x, valid, None, reverse)
+                carry, ys = _run(kind, c, params[direction]["cell"], x, valid, None, reverse)
             outs.append(ys if return_sequences else hidden_state(carry))
         return merge_fn(*outs)  # (seq, out) | (out,)
 
-    return Layer(init, apply, name)
+    return Layer(init, apply, kind)
