@@ -177,7 +177,7 @@ CASES = {
         _signals,
     ),
     "transformer (patches of 4, width 64, depth 2)": (
-        fnnet.models.transformer_classifier(10, width=64, depth=2, num_heads=4, patch_size=4),
+        fnnet.models.transformer_classifier(10, features=64, depth=2, num_heads=4, patch_size=4),
         transformer_forward,
         _signals,
     ),

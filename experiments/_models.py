@@ -181,13 +181,13 @@ register(
     "(patches of 4 samples on signals); decoder-only, width 64, 2 blocks on text",
     {
         "signal": lambda t: models.transformer_classifier(
-            _classes(t), width=32, depth=2, num_heads=4, patch_size=4, max_len=16
+            _classes(t), features=32, depth=2, num_heads=4, patch_size=4, max_len=16
         ),
         "sequence": lambda t: models.transformer_classifier(
-            _classes(t), width=32, depth=2, num_heads=4, max_len=t.example.shape[0]
+            _classes(t), features=32, depth=2, num_heads=4, max_len=t.example.shape[0]
         ),
         "text": lambda t: models.transformer_lm(
-            t.num_classes, width=64, depth=2, num_heads=4, max_len=t.info["context"]
+            t.num_classes, features=64, depth=2, num_heads=4, max_len=t.info["context"]
         ),
     },
     settings={

@@ -65,7 +65,7 @@ CASES = [
     ),
     Case(
         "models.transformer_classifier",
-        lambda: M.transformer_classifier(3, width=8, depth=2, num_heads=2, patch_size=2),
+        lambda: M.transformer_classifier(3, features=8, depth=2, num_heads=2, patch_size=2),
         normal(8),
         ("models.transformer_classifier",),
         tol=1e-4,
@@ -73,7 +73,7 @@ CASES = [
     Case(
         "models.transformer_classifier_tokens",
         lambda: M.transformer_classifier(
-            3, width=8, depth=1, num_heads=2, vocab=11, position="rotary"
+            3, features=8, depth=1, num_heads=2, vocab=11, position="rotary"
         ),
         integers(11, 6),
         ("models.transformer_classifier",),
@@ -81,7 +81,7 @@ CASES = [
     ),
     Case(
         "models.transformer_lm",
-        lambda: M.transformer_lm(13, width=8, depth=2, num_heads=2, num_kv_heads=1, max_len=16),
+        lambda: M.transformer_lm(13, features=8, depth=2, num_heads=2, num_kv_heads=1, max_len=16),
         integers(13, 6),
         ("models.transformer_lm",),
         tol=1e-4,
@@ -89,7 +89,13 @@ CASES = [
     Case(
         "models.transformer_lm_learned_untied",
         lambda: M.transformer_lm(
-            13, width=8, depth=1, num_heads=2, max_len=16, position="learned", tie_embeddings=False
+            13,
+            features=8,
+            depth=1,
+            num_heads=2,
+            max_len=16,
+            position="learned",
+            tie_embeddings=False,
         ),
         integers(13, 6),
         ("models.transformer_lm",),

@@ -95,8 +95,8 @@ def test_rnn_bidirectional_last_state_is_both_directions_final_states(rng):
     model = M.rnn(3, 4, cell="lstm", bidirectional=True)
     x = jnp.asarray(rng.standard_normal((6, 2)), jnp.float32)
     params = model.init(jax.random.key(0), x)
-    fwd = fnnet.rnn(fnnet.lstm_cell(4), return_sequences=False)
-    bwd = fnnet.rnn(fnnet.lstm_cell(4), return_sequences=False, reverse=True)
+    fwd = fnnet.recurrent(fnnet.lstm_cell(4), return_sequences=False)
+    bwd = fnnet.recurrent(fnnet.lstm_cell(4), return_sequences=False, reverse=True)
     h = jnp.concatenate(
         [fwd.apply(params["rnn_0"]["forward"], x), bwd.apply(params["rnn_0"]["backward"], x)]
     )
@@ -130,6 +130,19 @@ def test_rnn_padding_does_not_change_the_answer(output, rng):
     )
 
 
+@pytest.mark.parametrize("output", ["last", "mean"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["forward", "bidirectional"])
+def test_rnn_mask_with_holes_reads_the_marked_steps(output, bidirectional, rng):
+    """A mask need not be a prefix: the model reads the marked steps wherever they
+    are, as if the others were removed (it used to read the first sum(mask) steps)."""
+    model = M.rnn(3, 5, cell="gru", bidirectional=bidirectional, output=output)
+    x = jnp.asarray(rng.standard_normal((7, 2)), jnp.float32)
+    mask = jnp.array([False, True, True, False, True, False, True])
+    params = model.init(jax.random.key(0), x)
+    expected = model.apply(params, x[np.asarray(mask)])
+    np.testing.assert_allclose(model.apply(params, x, mask=mask), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_rnn_model_errors():
     with pytest.raises(fnnet.LayerError, match="cell must be one of"):
         M.rnn(2, cell="transformer")
@@ -141,7 +154,7 @@ def test_rnn_model_errors():
 
 
 def _lm():
-    return M.transformer_lm(17, width=16, depth=2, num_heads=4, num_kv_heads=2, max_len=32)
+    return M.transformer_lm(17, features=16, depth=2, num_heads=4, num_kv_heads=2, max_len=32)
 
 
 def test_lm_is_causal(rng):
@@ -157,7 +170,7 @@ def test_lm_is_causal(rng):
 @pytest.mark.parametrize("position", ["rotary", "learned"])
 def test_lm_cache_prefill_then_decode_equals_full_forward(position, rng):
     lm = M.transformer_lm(
-        17, width=16, depth=2, num_heads=4, num_kv_heads=2, max_len=32, position=position
+        17, features=16, depth=2, num_heads=4, num_kv_heads=2, max_len=32, position=position
     )
     tokens = jnp.asarray(rng.integers(0, 17, 9), jnp.int32)
     params = lm.init(jax.random.key(0), tokens)
@@ -201,7 +214,7 @@ def test_generate_samples_from_the_distribution(rng):
 
 
 def test_transformer_classifier_ignores_masked_padding(rng):
-    model = M.transformer_classifier(3, width=8, depth=2, num_heads=2, vocab=11)
+    model = M.transformer_classifier(3, features=8, depth=2, num_heads=2, vocab=11)
     tokens = jnp.asarray(rng.integers(0, 11, 5), jnp.int32)
     params = model.init(jax.random.key(0), tokens)
     padded = jnp.concatenate([tokens, jnp.asarray([7, 7, 7], jnp.int32)])
@@ -212,14 +225,14 @@ def test_transformer_classifier_ignores_masked_padding(rng):
 
 
 def test_transformer_errors_name_the_problem():
-    with pytest.raises(fnnet.LayerError, match=r"num_heads \(3\) must divide width \(64\)"):
-        M.transformer_lm(10, width=64, num_heads=3)
+    with pytest.raises(fnnet.LayerError, match=r"num_heads \(3\) must divide features \(64\)"):
+        M.transformer_lm(10, features=64, num_heads=3)
     with pytest.raises(fnnet.LayerError, match="position must be one of"):
         M.transformer_classifier(2, position="alibi")
-    model = M.transformer_classifier(2, width=8, num_heads=2, patch_size=4)
+    model = M.transformer_classifier(2, features=8, num_heads=2, patch_size=4)
     with pytest.raises(fnnet.LayerError, match="divisible by patch_size 4"):
         model.init(jax.random.key(0), jnp.zeros(10))
-    lm = M.transformer_lm(10, width=8, num_heads=2)
+    lm = M.transformer_lm(10, features=8, num_heads=2)
     with pytest.raises(fnnet.LayerError, match="int token ids"):
         lm.init(jax.random.key(0), jnp.zeros(5))
 
@@ -229,7 +242,7 @@ def test_deep_stacks_compile_one_block(rng):
     tokens = jnp.asarray(rng.integers(0, 11, 6), jnp.int32)
 
     def program_size(depth):
-        lm = M.transformer_lm(11, width=8, depth=depth, num_heads=2, max_len=8)
+        lm = M.transformer_lm(11, features=8, depth=depth, num_heads=2, max_len=8)
         params = lm.init(jax.random.key(0), tokens)
         return len(jax.jit(lm.apply).lower(params, tokens).as_text())
 
@@ -240,12 +253,41 @@ def test_attention_implementation_reaches_every_blocks_attention(rng):
     """The models pass ``attention_implementation`` down (``"cudnn"`` selects the fused
     GPU kernel); ``"xla"`` computes what the default does, and a bad name fails at once."""
     tokens = jnp.asarray(rng.integers(0, 11, size=(6,)), jnp.int32)
-    default = M.transformer_lm(11, width=8, depth=2, num_heads=2, max_len=6)
+    default = M.transformer_lm(11, features=8, depth=2, num_heads=2, max_len=6)
     xla = M.transformer_lm(
-        11, width=8, depth=2, num_heads=2, max_len=6, attention_implementation="xla"
+        11, features=8, depth=2, num_heads=2, max_len=6, attention_implementation="xla"
     )
     params = default.init(jax.random.key(0), tokens)
     np.testing.assert_array_equal(default.apply(params, tokens), xla.apply(params, tokens))
     assert fnnet.models.config_of(xla)["kwargs"]["attention_implementation"] == "xla"
     with pytest.raises(fnnet.LayerError, match="implementation must be one of"):
-        M.transformer_classifier(3, width=8, num_heads=2, attention_implementation="flash")
+        M.transformer_classifier(3, features=8, num_heads=2, attention_implementation="flash")
+
+
+def test_learned_positions_never_clamp_past_max_len():
+    """Decoding past a learned table is an error, not a reuse of its last row."""
+    lm = M.transformer_lm(17, features=16, depth=1, max_len=8, position="learned")
+    tokens = jnp.arange(4, dtype=jnp.int32)
+    params = lm.init(jax.random.key(0), tokens)
+    with pytest.raises(fnnet.LayerError, match="learned position table only 8"):
+        lm.apply(params, tokens, cache=M.init_cache(params, 12))
+    with pytest.raises(fnnet.LayerError, match="max_len=8"):
+        M.generate(lm, params, tokens, key=jax.random.key(1), max_new_tokens=5)
+    with pytest.raises(fnnet.LayerError):  # the full forward, as before
+        lm.apply(params, jnp.zeros((9,), jnp.int32))
+    assert M.generate(lm, params, tokens, key=jax.random.key(1), max_new_tokens=4).shape == (8,)
+
+
+def test_lm_starts_near_the_uniform_next_token_loss():
+    """With the shipped defaults (tied embeddings) the first loss is about ln(vocab),
+    as an untrained model that knows nothing should give (it was ~54 for 94 symbols)."""
+    vocab = 94
+    lm = M.transformer_lm(vocab)
+    tokens = jax.random.randint(jax.random.key(1), (4, 65), 0, vocab)
+    losses = []
+    for seed in range(2):
+        params = lm.init(jax.random.key(seed), tokens[0, :-1])
+        logits = jax.vmap(lambda t: lm.apply(params, t))(tokens[:, :-1])  # noqa: B023
+        logp = jax.nn.log_softmax(logits)
+        losses.append(-jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean())
+    np.testing.assert_allclose(losses, np.log(vocab), rtol=0.03)

@@ -43,7 +43,7 @@ ARCHITECTURES = {
     "gru": (lambda: fnnet.models.rnn(CLASSES, hidden=8, cell="gru"), (12, 2)),
     "transformer": (
         lambda: fnnet.models.transformer_classifier(
-            CLASSES, width=8, depth=1, num_heads=1, mlp_ratio=1, max_len=16
+            CLASSES, features=8, depth=1, num_heads=1, mlp_ratio=1, max_len=16
         ),
         (12, 2),
     ),

@@ -22,7 +22,7 @@ def test_summary_lists_every_layer_with_shapes_and_counts():
 
 
 def test_summary_shows_nested_and_repeated_blocks():
-    lm = fnnet.models.transformer_lm(13, width=8, depth=3, num_heads=2, max_len=8)
+    lm = fnnet.models.transformer_lm(13, features=8, depth=3, num_heads=2, max_len=8)
     s = fnnet.summary(lm, jax.ShapeDtypeStruct((6,), jnp.int32))
     paths = [r.path for r in s.rows]
     assert "blocks" in paths and "blocks/block" in paths

@@ -15,6 +15,7 @@ import pytest
 
 import fnnet
 from fnnet import train
+from fnnet.models import config_of
 
 WORKER = os.path.join(os.path.dirname(__file__), "_fit_worker.py")
 
@@ -140,7 +141,7 @@ def test_load_model_rebuilds_the_model_from_the_checkpoint_alone(tmp_path):
         checkpoint_dir=tmp_path / "ckpt", progress=False,
     )  # fmt: skip
     rebuilt, params, model_state, metadata = train.load_model(tmp_path / "ckpt")
-    assert rebuilt.config == model.config
+    assert config_of(rebuilt) == config_of(model)
     x = jnp.asarray(_blobs(4)[0])
     np.testing.assert_array_equal(
         jax.vmap(lambda x: rebuilt.apply(params, x))(x),

@@ -69,7 +69,7 @@ MODELS = {
     "cnn": (lambda: M.cnn(5, (4, 8)), _reals(8, 8, 1)),
     "rnn": (lambda: M.rnn(5, 8, cell="lstm"), _reals(6, 3)),
     "transformer_classifier": (
-        lambda: M.transformer_classifier(5, width=8, depth=1, num_heads=2, vocab=11),
+        lambda: M.transformer_classifier(5, features=8, depth=1, num_heads=2, vocab=11),
         _tokens,
     ),
 }

@@ -37,6 +37,11 @@ def embedding(
 
     Input: integer ids of any shape ``(...)``, e.g. ``(seq,)``.
     Output: ``(..., features)``.
+
+    ``apply(params, h, transpose=True)`` runs the table the other way, vectors
+    ``(..., features)`` to scores ``(..., vocab)`` (:func:`attend`): in a
+    composite, calling the same child again this way ties the output layer to
+    the input embedding.
     Params: ``{"table": (vocab, features)}``.
     """
     errors.positive_int(vocab, "embedding", "vocab")
@@ -55,8 +60,10 @@ def embedding(
         check_ids(x)
         return {"table": init_fn(key, (vocab, features), param_dtype)}
 
-    def apply(params, x, *, key=None, train=False):
+    def apply(params, x, *, key=None, train=False, transpose=False):
         del key, train
+        if transpose:  # vectors back to scores over the vocabulary: a tied output layer
+            return attend(params, x)  # (..., vocab)
         check_ids(x)
         table = params["table"]  # (vocab, features)
         n = table.shape[0]

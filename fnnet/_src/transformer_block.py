@@ -12,15 +12,16 @@ throughout; the MLP's hidden layer is ``(seq, hidden)`` with
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
-from fnnet._src import errors
+from fnnet._src import checks, errors
 from fnnet._src.activations import activation as activation_layer
 from fnnet._src.attention import multi_head_attention
 from fnnet._src.combinators import serial
 from fnnet._src.dense import dense
 from fnnet._src.dropout import dropout
-from fnnet._src.layer import Layer, apply_child, init_child, split_key
+from fnnet._src.layer import Layer, composite
 from fnnet._src.normalization import layer_norm, rms_norm
 
 _KIND = "transformer_block"
@@ -80,45 +81,25 @@ def transformer_block(
     ln1, ln2 = _NORMS[norm](), _NORMS[norm]()
     drop = dropout(dropout_rate)
 
-    def mlp_for(x) -> Layer:
+    @functools.cache
+    def mlp_for(features: int) -> Layer:
         # The hidden width depends on the input's width, known only from the example.
-        features = x.shape[-1]
         hidden = int(mlp_ratio * features)
         if hidden < 1:
             errors.fail(
                 _KIND, f"mlp_ratio {mlp_ratio} times {features} features leaves no hidden unit"
             )
-        return serial(up=dense(hidden), act=act, down=dense(features), name="mlp")
+        return serial(up=dense(hidden), act=act, down=dense(features), kind="mlp")
 
-    def init(key, x):
-        k_ln1, k_attn, k_ln2, k_mlp = split_key(key, 4)
-        if len(x.shape) != 2:
-            errors.fail(
-                _KIND,
-                f"expected one example of shape (seq, features), got shape {tuple(x.shape)}; "
-                "batch with jax.vmap",
-            )
-        p_ln1, _, h = init_child("ln1", ln1, k_ln1, x)
-        p_attn, _, _ = init_child("attn", attn, k_attn, h)
-        p_ln2, _, h = init_child("ln2", ln2, k_ln2, x)  # x keeps its shape through the residual
-        p_mlp, _, _ = init_child("mlp", mlp_for(x), k_mlp, h)
-        return {"ln1": p_ln1, "attn": p_attn, "ln2": p_ln2, "mlp": p_mlp}
+    def forward(call, x, *, mask=None, cache=None):  # x: (seq, features)
+        checks.sequence(_KIND, x)
+        if cache is None:
+            branch = call("attn", attn, call("ln1", ln1, x), mask=mask)
+        else:
+            branch, cache = call("attn", attn, call("ln1", ln1, x), mask=mask, cache=cache)
+        x = x + call("drop_attn", drop, branch).astype(x.dtype)
+        branch = call("mlp", mlp_for(x.shape[-1]), call("ln2", ln2, x))  # (seq, features)
+        x = x + call("drop_mlp", drop, branch).astype(x.dtype)
+        return x if cache is None else (x, cache)
 
-    def apply(params, x, *, key=None, train=False, mask=None, cache=None):
-        k_attn, k_drop1, k_drop2 = split_key(key, 3)
-
-        def child(name, layer, h, k=None, **kwargs):
-            p = params.get(name, {})
-            return apply_child(name, layer, p, {}, h, key=k, train=train, **kwargs)[0]
-
-        def attention(h):
-            out = child("attn", attn, h, k_attn, mask=mask, cache=cache)
-            return (out, None) if cache is None else out  # with a cache: (y, new_cache)
-
-        branch, new_cache = attention(child("ln1", ln1, x))
-        x = x + child("drop_attn", drop, branch, k_drop1).astype(x.dtype)
-        branch = child("mlp", mlp_for(x), child("ln2", ln2, x))
-        x = x + child("drop_mlp", drop, branch, k_drop2).astype(x.dtype)
-        return x if cache is None else (x, new_cache)
-
-    return Layer(init, apply, name=_KIND)
+    return composite(forward, _KIND)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from fnnet._src import errors
@@ -13,7 +12,7 @@ from fnnet._src.activations import get_activation
 from fnnet._src.conv import conv
 from fnnet._src.dense import dense
 from fnnet._src.dropout import dropout
-from fnnet._src.layer import Layer, apply_child, from_stateful, init_child, split_key
+from fnnet._src.layer import Layer, composite
 from fnnet._src.normalization import batch_norm, group_norm, layer_norm
 from fnnet._src.pooling import global_avg_pool, max_pool
 from fnnet.models._config import records_config
@@ -54,7 +53,8 @@ def cnn(
     """A convolutional network for 1D signals or 2D images.
 
     Each stage is ``conv -> [norm] -> activation -> [max pool]``; then the feature
-    map is flattened (or averaged over space with ``global_pool=True``), passed
+    map is flattened, in ``(position..., channel)`` order as :func:`fnnet.flatten` does
+    (or averaged over space with ``global_pool=True``), passed
     through optional hidden dense layers, and mapped to ``out_features``.
 
     The MNIST-1D paper's CNN is ``cnn(10, (25, 25, 25), kernel_size=(5, 3, 3),
@@ -124,59 +124,22 @@ def cnn(
             )
         return x
 
-    def _stages(run, lift, h):
-        """The convolutional stages; ``run(name, layer, h)`` calls a child layer and
-        ``lift(f, h)`` a parameter-free function (on shapes alone during init)."""
+    def forward(call, x):
+        h = _with_channels(x)  # (*spatial, channels)
         for i in range(n):
-            h = run(f"conv_{i}", layers[f"conv_{i}"], h)
+            h = call(f"conv_{i}", layers[f"conv_{i}"], h)
             if norm is not None:
-                h = run(f"norm_{i}", layers[f"norm_{i}"], h)
-            h = lift(act, h)
+                h = call(f"norm_{i}", layers[f"norm_{i}"], h)
+            h = act(h)
             if pooling is not None:
-                h = run(f"pool_{i}", pooling, h)
-        if to_vector is not None:
-            return run("global_pool", to_vector, h)  # (channels,)
-        return lift(lambda h: jnp.reshape(h, (-1,)), h)  # (positions * channels,)
-
-    def init(key, x):
-        x = jax.eval_shape(_with_channels, x)
-        params, state = {}, {}
-        # One key per child run: every conv / norm, pool and head, and the global pool.
-        # (Never fewer than the original count, so existing seeds keep their params.)
-        children = len(layers) + n * (pooling is not None) + (to_vector is not None) + len(heads)
-        keys = iter(split_key(key, max(children, len(layers) + len(heads) + 2)))
-
-        def run(name, layer, h):
-            p, s, y = init_child(name, layer, next(keys), h)
-            if p:
-                params[name] = p
-            if s:
-                state[name] = s
-            return y
-
-        h = _stages(run, jax.eval_shape, x)  # only shapes flow through init
+                h = call(f"pool_{i}", pooling, h)
+        # Average over space, (channels,); or flatten, (positions * channels,) in (h, w, c) order.
+        pooled = to_vector is not None
+        h = call("global_pool", to_vector, h) if pooled else jnp.reshape(h, (-1,))
         for name, layer in heads.items():
-            params[name], _, h = init_child(name, layer, next(keys), h)
-        return params, state
-
-    def apply(params, state, x, *, key=None, train=False):
-        new_state = {}
-
-        def run(name, layer, h):
-            y, s = apply_child(
-                name, layer, params.get(name, {}), state.get(name, {}), h, key=None, train=train
-            )
-            if s:
-                new_state[name] = s
-            return y
-
-        h = _stages(run, lambda f, h: f(h), _with_channels(x))
-        keys = split_key(key, len(heads))
-        for (name, layer), k in zip(heads.items(), keys):
-            h = drop.apply({}, h, key=k, train=train)
-            h, _ = apply_child(name, layer, params[name], {}, h, key=None, train=train)
+            h = call(name, layer, call(f"drop_{name}", drop, h))
             if name != "out":
                 h = act(h)
-        return h, new_state  # (out_features,)
+        return h  # (out_features,)
 
-    return from_stateful(init, apply, name="cnn", stateful=norm == "batch_norm")
+    return composite(forward, "cnn", stateful=norm == "batch_norm")

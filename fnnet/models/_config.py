@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -12,14 +14,17 @@ from fnnet._src import errors
 from fnnet._src.layer import Layer
 
 _MODELS: dict[str, Callable[..., Layer]] = {}
+# Each model's config as JSON text, keyed by the model's apply function (a new closure
+# for every model built, and weakly held, so a dropped model takes its entry along).
+_CONFIGS: weakref.WeakKeyDictionary[Callable, str] = weakref.WeakKeyDictionary()
 
 
 def records_config(factory: Callable[..., Layer]) -> Callable[..., Layer]:
     """Registers a model factory and stores each call's arguments on the layer.
 
     Arguments that JSON cannot hold (a custom activation function, an
-    initializer) make the model's ``config`` None: it still works, but a
-    checkpoint cannot rebuild it on its own.
+    initializer) leave the model without a config (:func:`config_of` gives None):
+    it still works, but a checkpoint cannot rebuild it on its own.
     """
     signature = inspect.signature(factory)
 
@@ -28,11 +33,11 @@ def records_config(factory: Callable[..., Layer]) -> Callable[..., Layer]:
         layer = factory(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        try:
-            text = json.dumps({"model": factory.__name__, "kwargs": bound.arguments})
-        except TypeError:
-            return layer
-        return layer._replace(config=text)
+        with contextlib.suppress(TypeError):  # not JSON: the model keeps no config
+            _CONFIGS[layer.apply] = json.dumps(
+                {"model": factory.__name__, "kwargs": bound.arguments}
+            )
+        return layer
 
     _MODELS[factory.__name__] = wrapped
     return wrapped
@@ -44,7 +49,8 @@ def config_of(model: Layer) -> dict[str, Any] | None:
     Returns:
       ``{"model": name, "kwargs": {...}}``; ``build`` turns it back into the model.
     """
-    return None if model.config is None else json.loads(model.config)
+    text = _CONFIGS.get(model.apply)
+    return None if text is None else json.loads(text)
 
 
 def build(config: dict[str, Any]) -> Layer:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 
 from fnnet._src import errors
 from fnnet._src.activations import get_activation
 from fnnet._src.dense import dense
 from fnnet._src.dropout import dropout
-from fnnet._src.layer import Layer, apply_child, init_child, split_key
+from fnnet._src.layer import Layer, composite
 from fnnet.models._config import records_config
 
 
@@ -60,25 +58,11 @@ def mlp(
     layers["out"] = dense(out_features, **inits)
     drop = dropout(dropout_rate)
 
-    def _flat(x):
-        return jnp.reshape(x, (-1,)) if flatten else x
+    def forward(call, x):
+        h = jnp.reshape(x, (-1,)) if flatten else x  # (features,)
+        for i in range(len(hidden)):
+            z = call(f"drop_{i}", drop, act(call(f"hidden_{i}", layers[f"hidden_{i}"], h)))
+            h = h + z if residual and i > 0 and z.shape == h.shape else z  # (hidden[i],)
+        return call("out", layers["out"], h)  # (out_features,)
 
-    def init(key, x):
-        h = jax.ShapeDtypeStruct((math.prod(x.shape),) if flatten else tuple(x.shape), x.dtype)
-        params = {}
-        for (name, layer), k in zip(layers.items(), split_key(key, len(layers))):
-            params[name], _, h = init_child(name, layer, k, h)
-        return params
-
-    def apply(params, x, *, key=None, train=False):
-        h = _flat(x)  # (features,)
-        keys = split_key(key, len(hidden))
-        for i, k in enumerate(keys):
-            name = f"hidden_{i}"
-            z, _ = apply_child(name, layers[name], params[name], {}, h, key=None, train=train)
-            z = drop.apply({}, act(z), key=k, train=train)  # (hidden[i],)
-            h = h + z if residual and i > 0 and z.shape == h.shape else z
-        y, _ = apply_child("out", layers["out"], params["out"], {}, h, key=None, train=train)
-        return y  # (out_features,)
-
-    return Layer(init, apply, "mlp")
+    return composite(forward, "mlp")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from fnnet._src import errors
 from fnnet._src.cells import gru_cell, lstm_cell, simple_cell
 from fnnet._src.dense import dense
 from fnnet._src.dropout import dropout
-from fnnet._src.layer import Layer, apply_child, init_child, split_key
-from fnnet._src.recurrent import rnn as rnn_layer
+from fnnet._src.layer import Layer, composite
+from fnnet._src.recurrent import bidirectional as bidirectional_layer
+from fnnet._src.recurrent import recurrent as recurrent_layer
+from fnnet._src.recurrent import valid_steps
 from fnnet.models._config import records_config
 
 CELLS = {"simple": simple_cell, "lstm": lstm_cell, "gru": gru_cell}
@@ -59,90 +60,44 @@ def rnn(
         errors.fail("rnn model", f"cell must be one of {sorted(CELLS)}, got {cell!r}")
     if output not in OUTPUTS:
         errors.fail("rnn model", f"output must be one of {list(OUTPUTS)}, got {output!r}")
-    directions = ("forward", "backward") if bidirectional else ("forward",)
-    recurrent = {
-        d: rnn_layer(CELLS[cell](hidden), return_sequences=True, reverse=d == "backward")
-        for d in directions
-    }
+    if bidirectional:
+        recurrent = bidirectional_layer(CELLS[cell](hidden), return_sequences=True)
+    else:
+        recurrent = recurrent_layer(CELLS[cell](hidden), return_sequences=True)
     readout = dense(out_features)
     drop = dropout(dropout_rate)
 
-    def _as_sequence(x):
-        if jnp.ndim(x) == 1:
-            return jnp.expand_dims(x, -1)  # (seq, 1)
-        if jnp.ndim(x) != 2:
+    def forward(call, x, *, lengths=None, mask=None):
+        h = jnp.expand_dims(x, -1) if jnp.ndim(x) == 1 else x  # (seq, features)
+        if jnp.ndim(h) != 2:
             errors.fail(
                 "rnn model",
                 f"expected a sequence (seq, features) or (seq,), got shape {jnp.shape(x)}",
             )
-        return x
-
-    def _child(i, d):
-        """The path of layer i's direction d; a single direction is the layer itself."""
-        return f"rnn_{i}/{d}" if bidirectional else f"rnn_{i}"
-
-    def init(key, x):
-        h = jax.eval_shape(_as_sequence, x)
-        keys = iter(split_key(key, num_layers * len(directions) + 1))
-        params = {}
-        for i in range(num_layers):
-            outs = []
-            for d in directions:
-                p, _, y = init_child(_child(i, d), recurrent[d], next(keys), h)
-                params.setdefault(f"rnn_{i}", {})
-                if bidirectional:
-                    params[f"rnn_{i}"][d] = p
-                else:
-                    params[f"rnn_{i}"] = p
-                outs.append(y)
-            h = jax.ShapeDtypeStruct((h.shape[0], sum(o.shape[-1] for o in outs)), outs[0].dtype)
-        features = {
-            "last": (h.shape[-1],),
-            "mean": (h.shape[-1],),
-            "sequence": h.shape,
-            "flatten": (h.shape[0] * h.shape[-1],),
-        }[output]
-        params["out"], _, _ = init_child(
-            "out", readout, next(keys), jax.ShapeDtypeStruct(features, h.dtype)
-        )
-        return params
-
-    def apply(params, x, *, key=None, train=False, lengths=None, mask=None):
-        h = _as_sequence(x)  # (seq, features)
         seq = h.shape[0]
-        if lengths is not None and mask is not None:
-            errors.fail("rnn model", "pass lengths or mask, not both")
-        if mask is not None:
-            lengths = jnp.sum(mask.astype(jnp.int32))
-        extra = {} if lengths is None else {"lengths": lengths}
-        keys = split_key(key, num_layers + 1)
+        valid = valid_steps("rnn model", seq, lengths, mask)  # (seq,) bool, or None: all
         for i in range(num_layers):
-            outs = []
-            for d in directions:
-                p = params[f"rnn_{i}"][d] if bidirectional else params[f"rnn_{i}"]
-                y, _ = apply_child(
-                    _child(i, d), recurrent[d], p, {}, h, key=None, train=train, **extra
-                )
-                outs.append(y)  # (seq, hidden)
-            h = jnp.concatenate(outs, axis=-1)  # (seq, hidden * directions)
-            h = drop.apply({}, h, key=keys[i], train=train)
-        valid = seq if lengths is None else lengths
+            h = call(f"rnn_{i}", recurrent, h, lengths=lengths, mask=mask)  # (seq, hidden * dirs)
+            h = call(f"drop_{i}", drop, h)
+        steps = jnp.arange(seq)
         if output == "last":
-            width = h.shape[-1] // len(directions)
-            last = jnp.take(h, valid - 1, axis=0)  # forwards: the state after the last valid step
-            if bidirectional:  # backwards: the state after reading position 0
-                last = jnp.concatenate([last[:width], h[0, width:]])
-            features = last
+            # Forwards: the state after the last valid step; backwards: after the first.
+            last = seq - 1 if valid is None else jnp.max(jnp.where(valid, steps, 0))
+            features = jnp.take(h, last, axis=0)  # (hidden * dirs,)
+            if bidirectional:
+                first = 0 if valid is None else jnp.argmax(valid)
+                features = jnp.concatenate([features[:hidden], jnp.take(h, first, axis=0)[hidden:]])
         elif output == "mean":
-            steps = jnp.arange(seq) < valid  # (seq,)
-            total = jnp.sum(jnp.where(steps[:, None], h, jnp.zeros_like(h)), axis=0)
-            features = total / jnp.asarray(valid, h.dtype)
+            if valid is None:
+                features = jnp.mean(h, axis=0)
+            else:
+                total = jnp.sum(jnp.where(valid[:, None], h, jnp.zeros_like(h)), axis=0)
+                count = jnp.maximum(jnp.sum(valid), 1).astype(h.dtype)
+                features = total / count  # (hidden * dirs,)
         elif output == "flatten":
-            features = jnp.reshape(h, (-1,))  # (seq * hidden * directions,)
+            features = jnp.reshape(h, (-1,))  # (seq * hidden * dirs,)
         else:
-            features = h  # (seq, hidden * directions)
-        features = drop.apply({}, features, key=keys[-1], train=train)
-        y, _ = apply_child("out", readout, params["out"], {}, features, key=None, train=train)
-        return y
+            features = h  # (seq, hidden * dirs)
+        return call("out", readout, call("drop_out", drop, features))
 
-    return Layer(init, apply, "rnn_model")
+    return composite(forward, "rnn_model")

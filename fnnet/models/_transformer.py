@@ -1,7 +1,8 @@
 """The transformer: tokens that attend to each other, block after block.
 
-Legend for shape comments: seq = tokens in the example, width = model features,
-vocab = distinct token ids, depth = blocks.
+Legend for shape comments: seq = tokens in the example, features = each token's
+vector in the residual stream (GPT's d_model), vocab = distinct token ids,
+depth = blocks.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from fnnet._src import errors
 from fnnet._src.attention import init_attention_cache
 from fnnet._src.combinators import repeat
 from fnnet._src.dense import dense
-from fnnet._src.embedding import attend, embedding
-from fnnet._src.layer import Layer, apply_child, init_child, split_key
+from fnnet._src.embedding import embedding
+from fnnet._src.layer import Layer, composite
 from fnnet._src.normalization import layer_norm
 from fnnet._src.positional import learned_position, sinusoidal_position
 from fnnet._src.transformer_block import transformer_block
@@ -25,12 +26,12 @@ from fnnet.models._config import records_config
 POSITIONS = ("learned", "sinusoidal", "rotary")
 
 
-def _check_common(kind, width, depth, num_heads, num_kv_heads, position):
-    errors.positive_int(width, kind, "width")
+def _check_common(kind, features, depth, num_heads, num_kv_heads, position):
+    errors.positive_int(features, kind, "features")
     errors.positive_int(depth, kind, "depth")
     errors.positive_int(num_heads, kind, "num_heads")
-    if width % num_heads:
-        errors.fail(kind, f"num_heads ({num_heads}) must divide width ({width})")
+    if features % num_heads:
+        errors.fail(kind, f"num_heads ({num_heads}) must divide features ({features})")
     if num_kv_heads is not None and (
         not isinstance(num_kv_heads, int) or num_kv_heads <= 0 or num_heads % num_kv_heads
     ):
@@ -51,7 +52,7 @@ def _position_layer(position: str, max_len: int) -> Layer | None:
 def transformer_classifier(
     out_features: int,
     *,
-    width: int = 64,
+    features: int = 64,
     depth: int = 2,
     num_heads: int = 4,
     num_kv_heads: int | None = None,
@@ -71,10 +72,10 @@ def transformer_classifier(
 
     Args:
       out_features: number of classes (or outputs).
-      width: features per token inside the model.
+      features: features per token inside the model.
       depth: transformer blocks, stacked with ``fnnet.repeat`` (one compiled block).
       num_heads, num_kv_heads: attention heads; fewer key/value heads is grouped-query.
-      mlp_ratio: the blocks' MLP is ``mlp_ratio * width`` wide.
+      mlp_ratio: the blocks' MLP is ``mlp_ratio * features`` wide.
       vocab: for integer token inputs, the number of token ids.
       patch_size: for real-valued inputs, steps per token; must divide ``seq``.
       max_len: the most tokens a learned position table holds.
@@ -93,7 +94,7 @@ def transformer_classifier(
     kind = "transformer_classifier"
     errors.positive_int(out_features, kind, "out_features")
     errors.positive_int(patch_size, kind, "patch_size")
-    _check_common(kind, width, depth, num_heads, num_kv_heads, position)
+    _check_common(kind, features, depth, num_heads, num_kv_heads, position)
     if vocab is not None:
         errors.positive_int(vocab, kind, "vocab")
     block = transformer_block(
@@ -104,15 +105,9 @@ def transformer_classifier(
         rotary=position == "rotary",
         attention_implementation=attention_implementation,
     )
-    children: dict[str, Layer] = {
-        "embed": embedding(vocab, width) if vocab is not None else dense(width),
-    }
+    embed = embedding(vocab, features) if vocab is not None else dense(features)
     pos = _position_layer(position, max_len)
-    if pos is not None:
-        children["position"] = pos
-    children["blocks"] = repeat(block, depth)
-    children["ln_f"] = layer_norm()
-    children["out"] = dense(out_features)
+    blocks, ln_f, out = repeat(block, depth), layer_norm(), dense(out_features)
 
     def _tokens(x):
         if vocab is not None:
@@ -131,53 +126,26 @@ def transformer_classifier(
             )
         return jnp.reshape(x, (x.shape[0] // patch_size, -1))  # (tokens, patch_size * features)
 
-    def init(key, x):
-        h = jax.eval_shape(_tokens, x)
-        params = {}
-        for (name, layer), k in zip(children.items(), split_key(key, len(children))):
-            p, _, y = init_child(name, layer, k, h)
-            if p:
-                params[name] = p
-            h = jax.ShapeDtypeStruct(y.shape[-1:], y.dtype) if name == "ln_f" else y
-        return params
-
-    def apply(params, x, *, key=None, train=False, mask=None):
-        (k_blocks,) = split_key(key, 1)
-        h, _ = apply_child(
-            "embed", children["embed"], params["embed"], {}, _tokens(x), key=None, train=train
-        )  # (seq, width)
+    def forward(call, x, *, mask=None):
+        h = call("embed", embed, _tokens(x))  # (seq, features)
         if pos is not None:
-            h, _ = apply_child(
-                "position", pos, params.get("position", {}), {}, h, key=None, train=train
-            )
-        extra = {} if mask is None else {"mask": mask}
-        h, _ = apply_child(
-            "blocks",
-            children["blocks"],
-            params["blocks"],
-            {},
-            h,
-            key=k_blocks,
-            train=train,
-            **extra,
-        )
-        h, _ = apply_child("ln_f", children["ln_f"], params["ln_f"], {}, h, key=None, train=train)
+            h = call("position", pos, h)
+        h = call("ln_f", ln_f, call("blocks", blocks, h, mask=mask))  # (seq, features)
         if mask is None:
-            pooled = jnp.mean(h, axis=0)  # (width,)
+            pooled = jnp.mean(h, axis=0)  # (features,)
         else:
             weights = mask.astype(h.dtype)[:, None]  # (seq, 1)
             pooled = jnp.sum(h * weights, axis=0) / jnp.maximum(jnp.sum(weights), 1.0)
-        y, _ = apply_child("out", children["out"], params["out"], {}, pooled, key=None, train=train)
-        return y
+        return call("out", out, pooled)  # (out_features,)
 
-    return Layer(init, apply, kind)
+    return composite(forward, kind)
 
 
 @records_config
 def transformer_lm(
     vocab: int,
     *,
-    width: int = 128,
+    features: int = 128,
     depth: int = 4,
     num_heads: int = 4,
     num_kv_heads: int | None = None,
@@ -192,11 +160,11 @@ def transformer_lm(
 
     Causal self-attention lets token ``t`` see tokens ``0..t`` only. With
     ``tie_embeddings`` the output layer reuses the embedding table
-    (``fnnet.attend``), saving ``vocab * width`` parameters.
+    (``fnnet.attend``), saving ``vocab * features`` parameters.
 
     Args:
       vocab: number of token ids.
-      width, depth, num_heads, num_kv_heads, mlp_ratio, dropout_rate,
+      features, depth, num_heads, num_kv_heads, mlp_ratio, dropout_rate,
         attention_implementation: as in :func:`transformer_classifier`.
       max_len: the longest sequence (learned positions, and the default cache size).
       position: ``"rotary"`` (default), ``"learned"`` or ``"sinusoidal"``.
@@ -215,7 +183,7 @@ def transformer_lm(
     kind = "transformer_lm"
     errors.positive_int(vocab, kind, "vocab")
     errors.positive_int(max_len, kind, "max_len")
-    _check_common(kind, width, depth, num_heads, num_kv_heads, position)
+    _check_common(kind, features, depth, num_heads, num_kv_heads, position)
     if position == "sinusoidal":
         errors.fail(
             kind,
@@ -231,63 +199,52 @@ def transformer_lm(
         rotary=position == "rotary",
         attention_implementation=attention_implementation,
     )
-    blocks = repeat(block, depth)
-    embed = embedding(vocab, width)
+    # GPT-2's initialization (Radford et al. 2019; nanoGPT's _init_weights): the token
+    # table, and an untied output layer, drawn with standard deviation 0.02. With the
+    # table tied to the output, a standard deviation of 1 would give logits of
+    # standard deviation ~sqrt(features) after the final LayerNorm, and a first loss
+    # far above ln(vocab).
+    small = jax.nn.initializers.normal(stddev=0.02)
+    embed = embedding(vocab, features, init=small)
     pos = _position_layer(position, max_len)
-    ln_f = layer_norm()
-    out = None if tie_embeddings else dense(vocab, use_bias=False)
+    blocks, ln_f = repeat(block, depth), layer_norm()
+    out = None if tie_embeddings else dense(vocab, use_bias=False, w_init=small)
 
-    def _check_tokens(x):
-        if not jnp.issubdtype(x.dtype, jnp.integer) or len(x.shape) != 1:
+    def forward(call, tokens, *, cache=None):  # tokens: (seq,) int
+        _check_tokens(tokens)
+        h = call("embed", embed, tokens)  # (seq, features)
+        if pos is not None:
+            h = call("position", pos, h, positions=_positions(cache, tokens.shape[0]))
+        if cache is None:
+            h = call("blocks", blocks, h)  # (seq, features)
+        else:
+            h, cache = call("blocks", blocks, h, cache=cache)
+        h = call("ln_f", ln_f, h)
+        logits = call("embed", embed, h, transpose=True) if out is None else call("out", out, h)
+        return logits if cache is None else (logits, cache)  # logits: (seq, vocab)
+
+    def _check_tokens(tokens):
+        if not jnp.issubdtype(tokens.dtype, jnp.integer) or len(tokens.shape) != 1:
             errors.fail(
-                kind, f"expected int token ids of shape (seq,), got {x.dtype} {tuple(x.shape)}"
+                kind,
+                f"expected int token ids of shape (seq,), got {tokens.dtype} {tuple(tokens.shape)}",
             )
 
-    def init(key, x):
-        _check_tokens(x)
-        keys = split_key(key, 5)
-        params = {}
-        params["embed"], _, h = init_child("embed", embed, keys[0], x)
-        if pos is not None:
-            params["position"], _, h = init_child("position", pos, keys[1], h)
-        params["blocks"], _, h = init_child("blocks", blocks, keys[2], h)
-        params["ln_f"], _, h = init_child("ln_f", ln_f, keys[3], h)
-        if out is not None:
-            params["out"], _, _ = init_child("out", out, keys[4], h)
-        return params
-
-    def _logits(params, h, train):
-        h, _ = apply_child("ln_f", ln_f, params["ln_f"], {}, h, key=None, train=train)
-        if out is None:
-            return attend(params["embed"], h)  # (seq, vocab)
-        return apply_child("out", out, params["out"], {}, h, key=None, train=train)[0]
-
-    def apply(params, x, *, key=None, train=False, cache=None):
-        _check_tokens(x)
-        h, _ = apply_child("embed", embed, params["embed"], {}, x, key=None, train=train)
+    def _positions(cache, seq):
+        """Without a cache: 0 .. seq-1 (None); with one, where the cache stops."""
         if cache is None:
-            if pos is not None:
-                h, _ = apply_child(
-                    "position", pos, params["position"], {}, h, key=None, train=train
-                )
-            h, _ = apply_child("blocks", blocks, params["blocks"], {}, h, key=key, train=train)
-            return _logits(params, h, train)  # (seq, vocab)
-        if pos is not None:  # learned positions continue from where the cache stops
-            table = params["position"]["table"]  # (max_len, width)
-            start = cache["index"][0]
-            h = h + jax.lax.dynamic_slice_in_dim(table, start, x.shape[0]).astype(h.dtype)
+            return None
+        size = cache["k"].shape[1]  # (depth, cache_len, kv_heads, head_dim)
+        if size > max_len:
+            errors.fail(
+                kind,
+                f"the cache holds {size} positions but the learned position table only "
+                f"{max_len} (max_len); make the cache at most max_len long, or build the "
+                "model with a larger max_len",
+            )
+        return cache["index"][0] + jnp.arange(seq)  # (seq,)
 
-        def body(h, inputs):
-            p, c, k = inputs
-            with errors.scope("blocks/block"):
-                h, c = block.apply(p, h, key=k, train=train, cache=c)
-            return h, c
-
-        keys = None if key is None else jax.random.split(key, depth)
-        h, new_cache = jax.lax.scan(body, h, (params["blocks"], cache, keys), length=depth)
-        return _logits(params, h, train), new_cache
-
-    return Layer(init, apply, kind)
+    return composite(forward, kind)
 
 
 def init_cache(params: dict, max_len: int, dtype=jnp.float32) -> dict:
@@ -298,7 +255,7 @@ def init_cache(params: dict, max_len: int, dtype=jnp.float32) -> dict:
     Returns:
       ``{"k": (depth, max_len, kv_heads, head_dim), "v": same, "index": (depth,)}``.
     """
-    k_weight = params["blocks"]["attn"]["k"]["w"]  # (depth, width, kv_heads, head_dim)
+    k_weight = params["blocks"]["attn"]["k"]["w"]  # (depth, features, kv_heads, head_dim)
     depth, _, kv_heads, head_dim = k_weight.shape
     one = init_attention_cache(max_len, kv_heads, head_dim, dtype)
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (depth, *a.shape)), one)
@@ -342,6 +299,15 @@ def generate(
         errors.positive_int(top_k, "generate", "top_k")
     if temperature < 0:
         errors.fail("generate", f"temperature must be >= 0, got {temperature}")
+    if "position" in params:  # learned positions: the table is as long as the model reaches
+        max_len = params["position"]["table"].shape[0]
+        if prompt.shape[0] + max_new_tokens > max_len:
+            errors.fail(
+                "generate",
+                f"the prompt ({prompt.shape[0]} tokens) and max_new_tokens ({max_new_tokens}) "
+                f"need {prompt.shape[0] + max_new_tokens} positions, but the model's learned "
+                f"positions stop at max_len={max_len}",
+            )
     return _generate(model, max_new_tokens, float(temperature), top_k, params, prompt, key)
 
 
