@@ -9,7 +9,6 @@ stopping and checkpoints (:class:`CheckpointManager`) that resume exactly.
 
 from fnnet.train._state import TrainState, init_replicas, init_state, set_hyperparams
 from fnnet.train._data import batch_indices, steps_per_epoch, take_batch
-from fnnet.train._conv_layout import canonicalize_convolutions
 from fnnet.train._step import (
     NonFiniteError,
     check_finite,
@@ -63,8 +62,8 @@ __all__ = [
     "CheckpointWarning", "CorruptCheckpointError", "EvaluationError", "FitResult", "LabelError",
     "NonFiniteCheckpointError", "NonFiniteError", "Policy", "TrainState",
     "accuracy", "apply_with_policy", "batch_indices", "binary_cross_entropy",
-    "canonicalize_convolutions", "check_finite",
-    "decay_mask", "evaluate", "fit", "init_replicas", "init_state", "load_metadata", "load_model",
+    "check_finite", "decay_mask", "evaluate", "fit", "init_replicas", "init_state", "load_metadata",
+    "load_model",
     "make_fused_steps", "make_train_step", "mean_squared_error", "policy_for_backend",
     "run_steps_python", "set_hyperparams", "softmax_cross_entropy", "steps_per_epoch",
     "take_batch", "top_k_accuracy",
