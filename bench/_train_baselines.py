@@ -1,6 +1,6 @@
 """The training benchmark's baselines: hand-written jax.numpy, Flax Linen and Flax NNX.
 
-Each framework gets the four MNIST-1D models of ``bench/handwritten.py``, written
+Each framework gets the four MNIST-1D models of ``tests/handwritten.py``, written
 the way its own documentation writes them (``nn.Dense``, ``nn.Conv``,
 ``nn.RNN(nn.GRUCell)`` inside ``nn.Bidirectional``, ``nn.MultiHeadDotProductAttention``,
 and their NNX twins), with the same layer sizes, so every contender has the same
@@ -24,7 +24,7 @@ from flax import linen as nn
 from flax import nnx
 from flax.training import train_state
 
-from bench import handwritten
+from tests import handwritten
 
 CLASSES = 10
 MAX_LEN = 512  # the position table's rows, as fnnet.models.transformer_classifier's default
@@ -69,7 +69,7 @@ HAND_FORWARD = {
 
 def handwritten_step(name, tx):
     """The hand-written training step, unjitted: ``step((params, opt_state), (x, y))
-    -> ((params, opt_state), loss)``, a value_and_grad of ``bench.handwritten``'s
+    -> ((params, opt_state), loss)``, a value_and_grad of ``tests.handwritten``'s
     batched forward pass and an optax update."""
     forward = HAND_FORWARD[name]
 
@@ -87,7 +87,7 @@ def handwritten_contender(name, params, tx, *, donate: bool = False) -> Contende
     """Plain JAX: a jitted value_and_grad + optax update over the fnnet parameter tree.
 
     ``params`` come from the fnnet model's ``init`` (initialization is not timed);
-    the forward pass is ``bench.handwritten``'s batched jax.numpy. With ``donate``
+    the forward pass is ``tests.handwritten``'s batched jax.numpy. With ``donate``
     the step is jitted with ``donate_argnums=0`` and starts from a copy of
     ``params``, so the caller's arrays stay valid.
     """

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import handwritten
+from tests import handwritten
 
 BATCH = 128
 

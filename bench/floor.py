@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench import handwritten
 from bench._train_baselines import handwritten_step
 from fnnet.train import init_replicas, init_state
+from tests import handwritten
 
 BATCH, EXAMPLES, REPLICAS = 100, 4000, 8
 STEPS = EXAMPLES // BATCH  # one epoch per scan

@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench import handwritten
 from bench._train_baselines import handwritten_step
 from fnnet.train import init_state, make_train_step, softmax_cross_entropy
 from fnnet.train._step import _all_finite
+from tests import handwritten
 
 
 def _variant(model, tx, check: str):

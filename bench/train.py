@@ -1,6 +1,6 @@
 """Training speed: fnnet's engine against hand-written JAX, Flax Linen and Flax NNX.
 
-Every contender trains the same MNIST-1D model (``bench/handwritten.py``'s four:
+Every contender trains the same MNIST-1D model (``tests/handwritten.py``'s four:
 MLP, CNN, bidirectional GRU, small transformer) with ``optax.adam(1e-2)`` on the
 mean softmax cross-entropy, at batch 100 (the paper's) and 1024:
 
@@ -138,7 +138,7 @@ def model_input(model: str, x: np.ndarray) -> np.ndarray:
 
 
 def _fnnet_model(model: str):
-    from bench import handwritten
+    from tests import handwritten
 
     for name, (layer, _, _) in handwritten.CASES.items():
         if name.startswith(model):

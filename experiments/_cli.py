@@ -81,11 +81,11 @@ def _mesh(spec: str | None):
     on a single device (which trains without any sharding machinery)."""
     import jax
 
-    from fnnet import train
+    from fnnet import distributed
 
     if spec is None:
-        return train.mesh_from_spec("data") if len(jax.devices()) > 1 else None
-    mesh = train.mesh_from_spec(spec)
+        return distributed.mesh_from_spec("data") if len(jax.devices()) > 1 else None
+    mesh = distributed.mesh_from_spec(spec)
     if "data" not in mesh.axis_names:
         raise ValueError(f"--mesh {spec}: the runner splits work over an axis named data")
     return mesh
@@ -110,17 +110,17 @@ def main(argv: list[str] | None = None) -> int:
             print(_suite.write_reports(p, out))
         _suite.write_index(out)
         return 0
-    from fnnet import train
+    from fnnet import distributed
 
     try:
         if args.distributed:
-            train.init_distributed()
+            distributed.init_distributed()
         if args.device is not None:
-            train.require_backend(args.device)
+            distributed.require_backend(args.device)
         if args.precision is not None:
-            train.set_matmul_precision(args.precision)
+            distributed.set_matmul_precision(args.precision)
         mesh = _mesh(args.mesh)
-    except (train.BackendError, ValueError) as e:
+    except (distributed.BackendError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _suite.execute(

@@ -27,7 +27,7 @@ import optax
 from experiments._config import TrainConfig
 from experiments._experiment import Run
 from experiments._tasks import Task
-from fnnet import train
+from fnnet import distributed, train
 from fnnet.train import CheckpointManager
 
 LN2 = math.log(2.0)
@@ -192,8 +192,8 @@ def train_fnnet(
     }
     if mesh is not None and mesh.size > 1:
         where = placement(mesh, s.seeds, s.batch_size)
-        state = train.shard_state(state, mesh, replica_axis=where["replica_axis"])
-        run_chunk = train.make_sharded_steps(step_fn, task.train, mesh, **where, **fused)
+        state = distributed.shard_state(state, mesh, replica_axis=where["replica_axis"])
+        run_chunk = distributed.make_sharded_steps(step_fn, task.train, mesh, **where, **fused)
     else:
         run_chunk = train.make_fused_steps(step_fn, task.train, **fused)
     manager = CheckpointManager(checkpoint_dir, keep=1)

@@ -3,6 +3,12 @@
 A layer is a :class:`Layer`, a named pair of pure functions ``init(key, x)`` and
 ``apply(params, x)`` over one example; batch with ``jax.vmap``. See
 ``docs/concepts.md`` for a tour and ``docs/extending.md`` to write your own layer.
+
+The house, bottom up: the layer protocol and the layers (below, from
+``fnnet._src``); the four architectures (``fnnet.models``); training
+(``fnnet.train``); distribution over devices and hosts (``fnnet.distributed``).
+Each floor imports only from the floors beneath it. ``import fnnet`` loads the
+first two; the other two are imported on their own (``from fnnet import train``).
 """
 
 # The protocol and composition.

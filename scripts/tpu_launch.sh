@@ -119,7 +119,7 @@ up() {
         rm -rf ~/fnnet && mkdir ~/fnnet && tar -xzf ~/fnnet.tar.gz -C ~/fnnet
         cd ~/fnnet && $python -m venv .venv
         .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[experiments]' 'jax[tpu]'
-        .venv/bin/python -c 'from fnnet import train; print(train.require_backend(\"tpu\"))'"
+        .venv/bin/python -c 'from fnnet import distributed; print(distributed.require_backend(\"tpu\"))'"
 }
 
 run() {

@@ -22,7 +22,7 @@ import optax
 from jax.experimental import multihost_utils
 
 import fnnet
-from fnnet import train
+from fnnet import distributed, train
 
 DEVICES_PER_PROCESS = 4
 STEPS = 3
@@ -49,24 +49,24 @@ def host_batch(data):
 
 
 def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
-    train.init_distributed(f"127.0.0.1:{port}", num_processes, process_id)
+    distributed.init_distributed(f"127.0.0.1:{port}", num_processes, process_id)
     assert jax.device_count() == DEVICES_PER_PROCESS * num_processes, jax.devices()
     model, optimizer, (x, y) = problem()
-    rows = train.process_rows(EXAMPLES)
+    rows = distributed.process_rows(EXAMPLES)
     local = (x[rows], y[rows])  # this process never touches the other rows
 
-    mesh = train.mesh_from_spec("data")
-    rule = train.fsdp_rule(mesh, min_size=FSDP_MIN_SIZE)
+    mesh = distributed.mesh_from_spec("data")
+    rule = distributed.fsdp_rule(mesh, min_size=FSDP_MIN_SIZE)
     state = train.init_state(model, optimizer, x[0], seed=0, impl=IMPL)
-    state = train.shard_state(state, mesh, rule)
-    step = train.sharded_step(
+    state = distributed.shard_state(state, mesh, rule)
+    step = distributed.sharded_step(
         train.make_train_step(model, optimizer, train.softmax_cross_entropy), mesh, rule=rule
     )
-    data = train.shard_data(local, mesh)
+    data = distributed.shard_data(local, mesh)
     run = train.make_fused_steps(step, data, batch_size=BATCH, num_steps=STEPS)
     state, metrics = run(state)
     # The same step fed from the host: each process contributes its own rows.
-    state, _ = jax.jit(step)(state, train.shard_data(host_batch(local), mesh))
+    state, _ = jax.jit(step)(state, distributed.shard_data(host_batch(local), mesh))
     assert not state.params["hidden_0"]["w"].is_fully_addressable  # split across processes
 
     manager = train.CheckpointManager(pathlib.Path(out_dir) / "ckpt")
@@ -82,7 +82,7 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
         jax.tree_util.keystr(kp): multihost_utils.process_allgather(leaf, tiled=True)
         for kp, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
     }
-    if train.is_primary():
+    if distributed.is_primary():
         np.savez(pathlib.Path(out_dir) / "params.npz", loss=np.asarray(metrics["loss"]), **params)
     print(f"process {process_id} done", flush=True)
 

@@ -244,12 +244,12 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_matches_an_unbroken_one(tm
 @pytest.mark.parametrize("spec", ["data=2", "data=4"])
 def test_runs_over_a_mesh_match_one_device(tmp_path, spec):
     """data=2: one seed per device; data=4: each seed's batch split over 4 devices."""
-    from fnnet import train
+    from fnnet import distributed
 
     overrides = {"models": "mlp", "seeds": "2"}
     (plan,) = _suite.plan(["architectures"], overrides, quick=True)
     _suite.execute([plan], tmp_path / "one", progress=False)
-    mesh = train.mesh_from_spec(spec)
+    mesh = distributed.mesh_from_spec(spec)
     (plan,) = _suite.plan(["architectures"], overrides, quick=True)
     _suite.execute([plan], tmp_path / "mesh", progress=False, mesh=mesh)
     one = _csv(tmp_path / "one" / "architectures" / "results.csv")
@@ -264,10 +264,10 @@ def test_runs_over_a_mesh_match_one_device(tmp_path, spec):
 
 def test_a_mesh_that_divides_neither_seeds_nor_batch_is_an_error():
     from experiments._train import placement
-    from fnnet import train
+    from fnnet import distributed
 
     with pytest.raises(ValueError, match="divide neither the 3 seeds nor the batch of 100"):
-        placement(train.mesh_from_spec("data=8"), 3, 100)
+        placement(distributed.mesh_from_spec("data=8"), 3, 100)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fnnet
-from bench import handwritten
+from tests import handwritten
 
 M = fnnet.models
 

@@ -17,7 +17,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fnnet
-from fnnet import train
+from fnnet import distributed, train
 
 CLASSES = 3
 BATCH = 16
@@ -27,7 +27,7 @@ TOL = {"rtol": 2e-5, "atol": 2e-6}
 
 @pytest.fixture(scope="module")
 def mesh():
-    return train.mesh_from_spec("data=8")
+    return distributed.mesh_from_spec("data=8")
 
 
 def _data(shape):
@@ -98,12 +98,12 @@ def test_sharded_training_matches_one_device(name, fsdp, mesh):
         state
     )
 
-    rule = train.fsdp_rule(mesh, min_size=64) if fsdp else None
-    placed = train.shard_state(state, mesh, rule)
-    specs = train.state_specs(state, mesh, rule)
+    rule = distributed.fsdp_rule(mesh, min_size=64) if fsdp else None
+    placed = distributed.shard_state(state, mesh, rule)
+    specs = distributed.state_specs(state, mesh, rule)
     _assert_sharded_as(placed, specs, mesh)
     seen = []
-    run = train.make_sharded_steps(
+    run = distributed.make_sharded_steps(
         _recording(step, seen), data, mesh, rule=rule, batch_size=BATCH, num_steps=STEPS
     )
     got, got_metrics = run(placed)
@@ -123,7 +123,7 @@ def test_sharded_training_matches_one_device(name, fsdp, mesh):
 def test_fsdp_rule_splits_large_parameters_and_their_optimizer_state(mesh):
     model = fnnet.models.mlp(CLASSES, hidden=(16,))
     state = train.init_state(model, optax.adam(1e-2), jnp.zeros(24), seed=0)
-    specs = train.state_specs(state, mesh, train.fsdp_rule(mesh, min_size=64))
+    specs = distributed.state_specs(state, mesh, distributed.fsdp_rule(mesh, min_size=64))
     # hidden_0/w is (24, 16): both divisible by 8, the larger (rows) is split;
     # out/w (16, 3) has 48 < 64 elements and the biases are small: replicated.
     assert specs.params == {
@@ -139,22 +139,22 @@ def test_regex_rule_and_its_errors(mesh):
     model = fnnet.models.mlp(CLASSES, hidden=(16,))
     state = train.init_state(model, optax.sgd(0.1), jnp.zeros(24), seed=0)
     rule = [(r"hidden_\d+/w$", P(None, "data")), (r"/b$", None)]
-    assert train.state_specs(state, mesh, rule).params["hidden_0"] == {
+    assert distributed.state_specs(state, mesh, rule).params["hidden_0"] == {
         "w": P(None, "data"),
         "b": P(),
     }
     with pytest.raises(ValueError, match=r"'out/w'.*dimension 1 \(3\) cannot be split 8 ways"):
-        train.state_specs(state, mesh, [(r"w$", P(None, "data"))])
+        distributed.state_specs(state, mesh, [(r"w$", P(None, "data"))])
     with pytest.raises(ValueError, match="mesh axis 'model' is not one of"):
-        train.state_specs(state, mesh, [(r"w$", P("model"))])
+        distributed.state_specs(state, mesh, [(r"w$", P("model"))])
     with pytest.raises(ValueError, match="more entries than the parameter has dimensions"):
-        train.state_specs(state, mesh, [(r"b$", P(None, "data"))])
+        distributed.state_specs(state, mesh, [(r"b$", P(None, "data"))])
     with pytest.raises(TypeError, match="expected a jax.sharding.PartitionSpec"):
-        train.state_specs(state, mesh, lambda path, shape: "data")
+        distributed.state_specs(state, mesh, lambda path, shape: "data")
     with pytest.raises(TypeError, match=r"entries are \(regex, PartitionSpec\)"):
-        train.state_specs(state, mesh, [r"w$"])
+        distributed.state_specs(state, mesh, [r"w$"])
     with pytest.raises(TypeError, match="expected a fnnet.train.TrainState"):
-        train.state_specs(state.params, mesh)
+        distributed.state_specs(state.params, mesh)
 
 
 def test_data_parallel_gradient_is_the_full_batch_gradient(mesh):
@@ -172,12 +172,12 @@ def test_data_parallel_gradient_is_the_full_batch_gradient(mesh):
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
     want = jax.grad(full_batch_loss)(state.params)
-    step = train.sharded_step(
+    step = distributed.sharded_step(
         train.make_train_step(model, optax.sgd(1.0), train.softmax_cross_entropy), mesh
     )
-    batch = train.shard_data((x, y), mesh)
+    batch = distributed.shard_data((x, y), mesh)
     assert batch[0].sharding == NamedSharding(mesh, P("data"))
-    new, _ = jax.jit(step)(train.shard_state(state, mesh), batch)
+    new, _ = jax.jit(step)(distributed.shard_state(state, mesh), batch)
     got = jax.tree.map(lambda old, new: old - new, state.params, new.params)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
@@ -193,9 +193,9 @@ def test_replicas_split_over_devices_match_replicas_on_one(mesh):
         step, data, batch_size=BATCH, num_steps=STEPS, replicated=True
     )(replicas)
 
-    placed = train.shard_state(replicas, mesh, replica_axis="data")
+    placed = distributed.shard_state(replicas, mesh, replica_axis="data")
     assert placed.params["out"]["w"].sharding.spec == P("data")
-    run = train.make_sharded_steps(
+    run = distributed.make_sharded_steps(
         step,
         data,
         mesh,
@@ -210,7 +210,7 @@ def test_replicas_split_over_devices_match_replicas_on_one(mesh):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), **TOL)
         assert b.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), b.ndim)
     with pytest.raises(ValueError, match="must divide the number of replicas"):
-        train.shard_state(
+        distributed.shard_state(
             train.init_replicas(model, optimizer, data[0][0], jnp.arange(3)),
             mesh,
             replica_axis="data",
@@ -218,12 +218,12 @@ def test_replicas_split_over_devices_match_replicas_on_one(mesh):
 
 
 def test_mesh_from_spec():
-    mesh = train.mesh_from_spec("data=4,model=2")
+    mesh = distributed.mesh_from_spec("data=4,model=2")
     assert dict(mesh.shape) == {"data": 4, "model": 2}
     assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
-    assert dict(train.mesh_from_spec("data").shape) == {"data": 8}
-    assert dict(train.mesh_from_spec("data=-1, model=2").shape) == {"data": 4, "model": 2}
-    assert dict(train.mesh_from_spec({"data": 2}).shape) == {"data": 2}
+    assert dict(distributed.mesh_from_spec("data").shape) == {"data": 8}
+    assert dict(distributed.mesh_from_spec("data=-1, model=2").shape) == {"data": 4, "model": 2}
+    assert dict(distributed.mesh_from_spec({"data": 2}).shape) == {"data": 2}
 
 
 @pytest.mark.parametrize(
@@ -240,34 +240,34 @@ def test_mesh_from_spec():
 )
 def test_mesh_from_spec_errors(spec, message):
     with pytest.raises(ValueError, match=message):
-        train.mesh_from_spec(spec)
+        distributed.mesh_from_spec(spec)
 
 
 def test_sharded_step_refuses_explicit_meshes_and_uneven_batches(mesh):
     model = fnnet.models.mlp(CLASSES, hidden=(4,))
     step = train.make_train_step(model, optax.sgd(0.1), train.softmax_cross_entropy)
-    explicit = train.mesh_from_spec("data=8", axis_types=(AxisType.Explicit,))
+    explicit = distributed.mesh_from_spec("data=8", axis_types=(AxisType.Explicit,))
     with pytest.raises(ValueError, match=r"axes are of type Auto; \['data'\] are not"):
-        train.sharded_step(step, explicit)
+        distributed.sharded_step(step, explicit)
     x, y = _data((24,))
     state = train.init_state(model, optax.sgd(0.1), x[0], seed=0)
     with pytest.raises(ValueError, match="batch of 12 examples cannot be split evenly"):
-        jax.eval_shape(train.sharded_step(step, mesh), state, (x[:12], y[:12]))
+        jax.eval_shape(distributed.sharded_step(step, mesh), state, (x[:12], y[:12]))
     with pytest.raises(ValueError, match="cannot be split over the 8 devices"):
-        train.shard_data((x[:12], y[:12]), mesh)
+        distributed.shard_data((x[:12], y[:12]), mesh)
     with pytest.raises(ValueError, match=r"sharded_step: axis 'batch' is not one of \('data',\)"):
-        train.sharded_step(step, mesh, batch_axis="batch")
+        distributed.sharded_step(step, mesh, batch_axis="batch")
 
 
 def test_process_rows_in_one_process():
-    assert train.process_rows(10) == slice(0, 10)
+    assert distributed.process_rows(10) == slice(0, 10)
 
 
 def test_sharded_checkpoint_restores_with_its_shardings(mesh, tmp_path):
     model = fnnet.models.mlp(CLASSES, hidden=(16,))
     state = train.init_state(model, optax.adam(1e-2), jnp.zeros(24), seed=0)
-    rule = train.fsdp_rule(mesh, min_size=64)
-    placed = train.shard_state(state, mesh, rule)
+    rule = distributed.fsdp_rule(mesh, min_size=64)
+    placed = distributed.shard_state(state, mesh, rule)
     manager = train.CheckpointManager(tmp_path)
     manager.save(0, placed, metadata={})
     restored, _ = manager.restore(target=placed)
@@ -283,25 +283,25 @@ def test_sharded_checkpoint_restores_with_its_shardings(mesh, tmp_path):
 
 
 def test_require_backend():
-    assert train.require_backend("cpu") == jax.devices()
+    assert distributed.require_backend("cpu") == jax.devices()
     for name in ("tpu", "gpu"):
-        with pytest.raises(train.BackendError, match=f"asked for the {name} backend.*cpu"):
-            train.require_backend(name)
+        with pytest.raises(distributed.BackendError, match=f"asked for the {name} backend.*cpu"):
+            distributed.require_backend(name)
     with pytest.raises(ValueError, match="must be one of"):
-        train.require_backend("cuda")
+        distributed.require_backend("cuda")
 
 
 def test_set_matmul_precision():
-    old = train.set_matmul_precision("highest")
+    old = distributed.set_matmul_precision("highest")
     try:
         assert jax.config.jax_default_matmul_precision == "highest"
         with pytest.raises(ValueError, match="'fast' is not a setting JAX knows"):
-            train.set_matmul_precision("fast")
+            distributed.set_matmul_precision("fast")
     finally:
-        assert train.set_matmul_precision(old) == "highest"
+        assert distributed.set_matmul_precision(old) == "highest"
     assert jax.config.jax_default_matmul_precision == old
 
 
 def test_init_distributed_wants_all_three_or_none():
     with pytest.raises(ValueError, match="together, or none of them"):
-        train.init_distributed("127.0.0.1:1234")
+        distributed.init_distributed("127.0.0.1:1234")

@@ -5,11 +5,14 @@ One step is forward pass, error, backpropagation and update (:func:`make_train_s
 the device; :func:`init_replicas` trains independent seeds side by side with
 ``jax.vmap``; :func:`fit` repeats the steps with logging, evaluation, early
 stopping and checkpoints (:class:`CheckpointManager`) that resume exactly.
+
+Training sits on ``fnnet.models`` and the layers. Running it over many devices
+and hosts is ``fnnet.distributed``, the floor above, which this package never
+imports.
 """
 
 from fnnet.train._state import TrainState, init_replicas, init_state, set_hyperparams
 from fnnet.train._data import batch_indices, steps_per_epoch, take_batch
-from fnnet.train._conv_layout import canonicalize_convolutions
 from fnnet.train._step import (
     NonFiniteError,
     check_finite,
@@ -38,39 +41,14 @@ from fnnet.train._checkpoint import (
     load_metadata,
 )
 from fnnet.train._loop import FitResult, fit, load_model
-from fnnet.train._sharding import (
-    fsdp_rule,
-    make_sharded_steps,
-    mesh_from_spec,
-    process_rows,
-    replicate,
-    shard_data,
-    shard_state,
-    sharded_step,
-    state_sharding,
-    state_specs,
-)
-from fnnet.train._platform import (
-    BackendError,
-    init_distributed,
-    is_primary,
-    require_backend,
-    set_matmul_precision,
-)
 
 __all__ = [
     "CheckpointError", "CheckpointExistsError", "CheckpointManager", "CheckpointMismatchError",
     "CheckpointWarning", "CorruptCheckpointError", "EvaluationError", "FitResult", "LabelError",
     "NonFiniteCheckpointError", "NonFiniteError", "Policy", "TrainState",
-    "accuracy", "apply_with_policy", "batch_indices", "binary_cross_entropy",
-    "canonicalize_convolutions", "check_finite",
+    "accuracy", "apply_with_policy", "batch_indices", "binary_cross_entropy", "check_finite",
     "decay_mask", "evaluate", "fit", "init_replicas", "init_state", "load_metadata", "load_model",
     "make_fused_steps", "make_train_step", "mean_squared_error", "policy_for_backend",
     "run_steps_python", "set_hyperparams", "softmax_cross_entropy", "steps_per_epoch",
     "take_batch", "top_k_accuracy",
-    # Scale-out: meshes, sharding, several processes (docs/scaling.md).
-    "BackendError", "fsdp_rule", "init_distributed", "is_primary", "make_sharded_steps",
-    "mesh_from_spec",
-    "process_rows", "replicate", "require_backend", "set_matmul_precision", "shard_data",
-    "shard_state", "sharded_step", "state_sharding", "state_specs",
 ]  # fmt: skip

@@ -55,7 +55,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from fnnet.train._sharding import place
+from fnnet._src.placement import place
 
 _FORMAT = "fnnet-checkpoint-1"
 _ARRAYS = "state"  # the orbax item holding the arrays

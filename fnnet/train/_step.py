@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fnnet._src.conv_layout import canonicalize_convolutions
 from fnnet._src.layer import Layer
-from fnnet.train._conv_layout import canonicalize_convolutions
 from fnnet.train._data import (
     batch_indices,
     epoch_orders,
@@ -299,7 +299,8 @@ def _for_loops(step_fn: StepFn, canonical_convs: bool | None) -> StepFn:
     """``step_fn`` ready to run inside a loop.
 
     With ``canonical_convs`` (None: when JAX's default backend is the CPU) the
-    step's convolutions are put in XLA:CPU's fast layout (see ``_conv_layout``).
+    step's convolutions are put in XLA:CPU's fast layout (see
+    ``fnnet._src.conv_layout``).
     The fused and the step-by-step paths both go through here, so they compile
     the same arithmetic and agree bit for bit.
     """
@@ -345,7 +346,7 @@ def make_fused_steps(
       canonical_convs: rewrite convolutions into the layout XLA:CPU runs fast
         (None: only when the default backend is the CPU). Without it, the
         gradient convolutions inside the scan's loop run as naive loop nests,
-        several times slower than the same step jitted alone (``_conv_layout``).
+        several times slower than the same step jitted alone (``fnnet._src.conv_layout``).
 
     Returns:
       ``run(state) -> (state, metrics)``, metrics stacked ``{name: (num_steps,)}``

@@ -22,6 +22,9 @@ class BackendError(RuntimeError):
     """The backend a run asked for is not the one JAX is using."""
 
 
+BackendError.__module__ = "fnnet.distributed"  # shown where users import it, as fnnet.LayerError is
+
+
 def require_backend(name: str) -> list[jax.Device]:
     """Checks that JAX computes on ``name`` and returns its devices (all processes').
 

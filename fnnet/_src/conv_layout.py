@@ -1,5 +1,11 @@
 """Convolutions rewritten into the layout XLA:CPU runs fast, so fused training stays fast.
 
+A workaround for an XLA:CPU limitation, not part of fnnet's interface: the
+training steps (``fnnet.train._step``) apply it to a step before a loop runs
+it. Upstream this is jax-ml/jax#12868 ("Convolution is significantly slower
+inside a loop body (CPU)", https://github.com/jax-ml/jax/issues/12868); when it
+is fixed there, this module can go.
+
 Why this exists. XLA:CPU calls its fast (Eigen) convolution only for operands in
 NHWC order with an HWIO kernel and an NHWC output. Any other convolution is
 emitted as a naive loop nest, unless the pass ``ConvCanonicalization`` first

@@ -1,7 +1,12 @@
-"""The benchmark's baselines: each fnnet model's math written out by hand in jax.numpy.
+"""The models' oracles: each fnnet model's math written out by hand in jax.numpy.
 
 Each ``forward(params, x)`` takes the fnnet parameter tree and a whole batch, as a
 person writing the model directly in JAX would (no vmap, batch axis explicit).
+``tests/test_models.py`` checks every model in :data:`CASES` against its forward;
+the benchmarks (``bench/``) time the same functions as their hand-written
+baselines, so what is measured is what is tested. Import it as
+``from tests import handwritten`` (from the repository root, as ``pytest`` and
+``python -m bench.core`` run).
 """
 
 from __future__ import annotations
