@@ -98,6 +98,9 @@ def cnn(
     act = get_activation(activation)
     drop = dropout(dropout_rate)
 
+    def dropped(call, name, h):  # no dropout child at all when the rate is 0
+        return call(name, drop, h) if dropout_rate else h
+
     layers: dict[str, Layer] = {}
     for i in range(n):
         with errors.scope(f"conv_{i}"):
@@ -137,7 +140,7 @@ def cnn(
         pooled = to_vector is not None
         h = call("global_pool", to_vector, h) if pooled else jnp.reshape(h, (-1,))
         for name, layer in heads.items():
-            h = call(name, layer, call(f"drop_{name}", drop, h))
+            h = call(name, layer, dropped(call, f"drop_{name}", h))
             if name != "out":
                 h = act(h)
         return h  # (out_features,)

@@ -58,10 +58,13 @@ def mlp(
     layers["out"] = dense(out_features, **inits)
     drop = dropout(dropout_rate)
 
+    def dropped(call, name, h):  # no dropout child at all when the rate is 0
+        return call(name, drop, h) if dropout_rate else h
+
     def forward(call, x):
         h = jnp.reshape(x, (-1,)) if flatten else x  # (features,)
         for i in range(len(hidden)):
-            z = call(f"drop_{i}", drop, act(call(f"hidden_{i}", layers[f"hidden_{i}"], h)))
+            z = dropped(call, f"drop_{i}", act(call(f"hidden_{i}", layers[f"hidden_{i}"], h)))
             h = h + z if residual and i > 0 and z.shape == h.shape else z  # (hidden[i],)
         return call("out", layers["out"], h)  # (out_features,)
 

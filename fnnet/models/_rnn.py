@@ -67,6 +67,9 @@ def rnn(
     readout = dense(out_features)
     drop = dropout(dropout_rate)
 
+    def dropped(call, name, h):  # no dropout child at all when the rate is 0
+        return call(name, drop, h) if dropout_rate else h
+
     def forward(call, x, *, lengths=None, mask=None):
         h = jnp.expand_dims(x, -1) if jnp.ndim(x) == 1 else x  # (seq, features)
         if jnp.ndim(h) != 2:
@@ -78,7 +81,7 @@ def rnn(
         valid = valid_steps("rnn model", seq, lengths, mask)  # (seq,) bool, or None: all
         for i in range(num_layers):
             h = call(f"rnn_{i}", recurrent, h, lengths=lengths, mask=mask)  # (seq, hidden * dirs)
-            h = call(f"drop_{i}", drop, h)
+            h = dropped(call, f"drop_{i}", h)
         steps = jnp.arange(seq)
         if output == "last":
             # Forwards: the state after the last valid step; backwards: after the first.
@@ -98,6 +101,6 @@ def rnn(
             features = jnp.reshape(h, (-1,))  # (seq * hidden * dirs,)
         else:
             features = h  # (seq, hidden * dirs)
-        return call("out", readout, call("drop_out", drop, features))
+        return call("out", readout, dropped(call, "drop_out", features))
 
     return composite(forward, "rnn_model")
