@@ -51,12 +51,12 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest -n 2 -q
 
 lint: $(TEST_STAMP)
-	$(VENV)/bin/ruff format --check fnnet tests bench experiments
-	$(VENV)/bin/ruff check fnnet tests bench experiments
+	$(VENV)/bin/ruff format --check fnnet tests bench experiments scripts
+	$(VENV)/bin/ruff check fnnet tests bench experiments scripts
 
 format: $(TEST_STAMP)
-	$(VENV)/bin/ruff format fnnet tests bench experiments
-	$(VENV)/bin/ruff check --fix fnnet tests bench experiments
+	$(VENV)/bin/ruff format fnnet tests bench experiments scripts
+	$(VENV)/bin/ruff check --fix fnnet tests bench experiments scripts
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench.core
