@@ -6,6 +6,9 @@
 # stops with a message instead.
 PYTHON ?= python3
 VENV ?= .venv
+# They are make's settings, not the tests': make would otherwise export them (command-line
+# variables are exported), and scripts under test read PYTHON (scripts/tpu_launch.sh).
+unexport PYTHON VENV
 PY := $(VENV)/bin/python
 TEST_STAMP := $(VENV)/.installed-test
 EXPERIMENTS_STAMP := $(VENV)/.installed-experiments
