@@ -1,0 +1,73 @@
+"""pyproject.toml declares exactly what the code imports.
+
+fnnet's runtime dependencies are the third-party packages fnnet/ imports, no more (a
+test oracle such as Flax belongs to the test extra) and no fewer. experiments/, bench/
+and tests/ may add only what their extras declare.
+"""
+
+import ast
+import re
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _name(requirement: str) -> str:
+    """The normalized distribution name of a requirement such as ``jax>=0.10.1``."""
+    name = re.match(r"[A-Za-z0-9._-]+", requirement).group()
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _declared(*extras: str) -> set[str]:
+    names = {_name(r) for r in PROJECT["dependencies"]}
+    for extra in extras:
+        names |= {_name(r) for r in PROJECT["optional-dependencies"][extra]}
+    return names - {"fnnet"}
+
+
+def _extras(extra: str) -> list[str]:
+    """``extra`` and the extras it pulls in (``fnnet[experiments,bench]``)."""
+    names = [extra]
+    for requirement in PROJECT["optional-dependencies"][extra]:
+        if _name(requirement) == "fnnet":
+            names += re.search(r"\[(.*)\]", requirement).group(1).replace(" ", "").split(",")
+    return names
+
+
+def _imported(folder: str) -> set[str]:
+    """Top-level modules imported anywhere under ``folder``, function bodies included."""
+    modules = set()
+    for path in (ROOT / folder).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    local = {"fnnet", "experiments", "bench"} | {p.stem for p in (ROOT / folder).glob("*.py")}
+    return modules - set(sys.stdlib_module_names) - local
+
+
+def _distributions(modules: set[str]) -> set[str]:
+    """The installed distributions that provide ``modules`` (one each)."""
+    providers = metadata.packages_distributions()
+    missing = sorted(m for m in modules if m not in providers)
+    assert not missing, f"no installed distribution provides {missing}"
+    return {_name(providers[m][0]) for m in modules}
+
+
+def test_runtime_dependencies_are_what_fnnet_imports():
+    assert _distributions(_imported("fnnet")) == _declared()
+
+
+@pytest.mark.parametrize(
+    ("folder", "extra"), [("experiments", "experiments"), ("bench", "bench"), ("tests", "test")]
+)
+def test_extras_cover_what_their_folder_imports(folder, extra):
+    undeclared = _distributions(_imported(folder)) - _declared(*_extras(extra))
+    assert not undeclared, f"{folder}/ imports {sorted(undeclared)}; add them to its extra"
