@@ -14,7 +14,7 @@ TEST_STAMP := $(VENV)/.installed-test
 EXPERIMENTS_STAMP := $(VENV)/.installed-experiments
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: venv test lint format bench experiments versions clean
+.PHONY: venv test golden lint format bench experiments versions clean
 
 # Runs on every call (an order-only prerequisite of the stamps, so it never forces a
 # reinstall): creates $(VENV) from $(PYTHON), or checks that the one there was.
@@ -52,6 +52,11 @@ experiments: $(EXPERIMENTS_STAMP)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -n 2 -q
+
+# Records every registry case's parameter names and shapes (tests/golden/params.json),
+# after adding a layer or an intended change; commit the diff.
+golden: $(TEST_STAMP)
+	FNNET_UPDATE_GOLDEN=1 $(PY) -m pytest -q tests/test_golden.py
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff format --check fnnet tests bench experiments scripts

@@ -5,7 +5,7 @@ parameter (and state) path with its shape and dtype, and the total count. An
 accidental rename or resize fails here and shows up in review as a diff of that
 file. After an intended change, regenerate it with
 
-    FNNET_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_golden.py
+    make golden
 """
 
 from __future__ import annotations
