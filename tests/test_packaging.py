@@ -49,7 +49,9 @@ def _imported(folder: str) -> set[str]:
                 modules |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 modules.add(node.module.split(".")[0])
-    local = {"fnnet", "experiments", "bench"} | {p.stem for p in (ROOT / folder).glob("*.py")}
+    local = {"fnnet", "experiments", "bench", "tests"} | {
+        p.stem for p in (ROOT / folder).glob("*.py")
+    }
     return modules - set(sys.stdlib_module_names) - local
 
 
