@@ -77,14 +77,12 @@ def _split(items: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def _mesh(spec: str | None):
-    """The mesh for ``--mesh``; by default a ``data`` axis over every device, or None
-    on a single device (which trains without any sharding machinery)."""
-    import jax
-
+    """The mesh for ``--mesh``; by default fit's ``"auto"``: a ``data`` axis over
+    every device (one device trains without any sharding machinery)."""
     from fnnet import distributed
 
     if spec is None:
-        return distributed.mesh_from_spec("data") if len(jax.devices()) > 1 else None
+        return "auto"
     mesh = distributed.mesh_from_spec(spec)
     if "data" not in mesh.axis_names:
         raise ValueError(f"--mesh {spec}: the runner splits work over an axis named data")

@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import _report
@@ -114,25 +115,25 @@ def execute(
     *,
     progress: bool = True,
     checkpoint_seconds: float = 30.0,
-    mesh=None,
+    mesh="auto",
 ) -> None:
     """Trains every unfinished run of every plan, then writes each experiment's reports.
 
-    With a ``mesh``, runs train over its devices (``experiments._train.placement``).
-    With several processes (``jax.distributed``) every process trains every run and
-    saves checkpoints together; only process 0 shows progress and writes records,
-    tables and plots.
+    ``mesh`` is ``fnnet.train.fit``'s (``"auto"``: every device). With several
+    processes (``jax.distributed``) every process trains every run and saves
+    checkpoints together; only process 0 shows progress and writes records, tables
+    and plots, so what is left to run is what process 0 finds, told to the others.
     """
     import jax
+    from jax.experimental import multihost_utils
 
     primary = jax.process_index() == 0
     progress = progress and primary
-    todo = [
-        (p, run)
-        for p in plans
-        for run in p.runs
-        if load_record(out, p.experiment.name, run) is None
-    ]
+    every = [(p, run) for p in plans for run in p.runs]
+    finished = np.array([load_record(out, p.experiment.name, run) is not None for p, run in every])
+    if jax.process_count() > 1:
+        finished = np.asarray(multihost_utils.broadcast_one_to_all(finished))
+    todo = [pair for pair, done in zip(every, finished) if not done]
     pending = {id(run) for _, run in todo}
     total = sum(run.work for _, run in todo)
     done = sum(len(p.runs) for p in plans) - len(todo)
@@ -175,7 +176,7 @@ def execute(
                     "rows": rows,
                     "curves": curves,
                     "wall_seconds": round(time.perf_counter() - start, 3),
-                    "mesh": None if mesh is None else dict(mesh.shape),
+                    "mesh": mesh if mesh is None or isinstance(mesh, str) else dict(mesh.shape),
                     "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 }
                 if primary:

@@ -1,19 +1,19 @@
-"""Runs one :class:`~experiments._experiment.Run`: every seed at once, resumably.
+"""Runs one :class:`~experiments._experiment.Run`: every seed at once, resumably, by ``fit``.
 
-An fnnet run trains its seeds as vmapped replicas in one compiled program
-(``fnnet.train.make_fused_steps(..., replicated=True)``), one evaluation interval
-per dispatch. After each interval every replica is evaluated on the task's test
-sets (the learning curves), checked for divergence, and, every
-``checkpoint_seconds``, checkpointed together with the curves so far. A run
-killed part-way resumes from its newest intact checkpoint.
+An fnnet run is one call of :func:`fnnet.train.fit` with the run's seeds as
+replicas: one compiled program, evaluated on the task's test sets every
+``eval_every`` steps (the learning curves), checkpointed at most every
+``checkpoint_seconds`` (process 0's clock decides for every process), and
+resumed from its newest intact checkpoint when killed part-way. What is left
+here is the experiment's own part: the optimizer a configuration describes,
+the final metrics on a slice of the training set, and one row per seed.
 
-A replica whose loss or gradients turn non-finite stops changing (the engine
+A replica whose loss, gradient or update turns non-finite stops changing (fit
 skips its updates) and is reported as diverged; the others train on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import pathlib
 import time
@@ -27,25 +27,28 @@ import optax
 from experiments._config import TrainConfig
 from experiments._experiment import Run
 from experiments._tasks import Task
-from fnnet import distributed, train
-from fnnet.train import CheckpointManager
+from fnnet import train
 
 LN2 = math.log(2.0)
 # At most this many training examples are re-evaluated at the end for the train
 # metrics (a large training set would otherwise cost more than its test set).
 TRAIN_EVAL_LIMIT = 4000
+# One evaluation batch size for every set, so a run compiles one evaluation program
+# per set.
+EVAL_BATCH = 250
 
 
 def _bits_per_char(logits, label):
     return train.softmax_cross_entropy(logits, label) / LN2
 
 
-# Module-level functions, so evaluate's compiled programs are reused between runs.
-CLASSIFICATION_METRICS = {"loss": train.softmax_cross_entropy, "accuracy": train.accuracy}
-TEXT_METRICS = {"loss": train.softmax_cross_entropy, "bits_per_char": _bits_per_char}
+# Module-level functions, so evaluation programs are reused between runs.
+CLASSIFICATION_METRICS = {"accuracy": train.accuracy}
+TEXT_METRICS = {"bits_per_char": _bits_per_char}
 
 
 def metrics_for(task: Task) -> dict[str, Callable]:
+    """The metrics reported beside the loss."""
     return TEXT_METRICS if task.kind == "text" else CLASSIFICATION_METRICS
 
 
@@ -76,78 +79,19 @@ def optimizer_for(s: TrainConfig) -> optax.GradientTransformation:
     return opt
 
 
-class CompileClock:
-    """Seconds JAX spends tracing, lowering and compiling while it is active."""
+class _Advance:
+    """Tells the suite's progress bar of every step done (restored ones included)."""
 
-    _EVENTS = (
-        "/jax/core/compile/jaxpr_trace_duration",
-        "/jax/core/compile/jaxpr_to_mlir_module_duration",
-        "/jax/core/compile/backend_compile_duration",
-    )
-    _active: list[CompileClock] = []
-    _installed = False
+    def __init__(self, advance: Callable[[int], None]):
+        self.advance = advance
+        self.done = 0
 
-    def __init__(self):
-        self.seconds = 0.0
+    def on_start(self, event):
+        self.on_chunk_end(event)
 
-    @classmethod
-    def _listen(cls, event, seconds, **_):
-        if event in cls._EVENTS:
-            for clock in cls._active:
-                clock.seconds += seconds
-
-    @contextlib.contextmanager
-    def running(self):
-        if not CompileClock._installed:
-            jax.monitoring.register_event_duration_secs_listener(CompileClock._listen)
-            CompileClock._installed = True
-        CompileClock._active.append(self)
-        try:
-            yield self
-        finally:
-            CompileClock._active.remove(self)
-
-
-def _replica(tree: Any, r: int) -> Any:
-    return jax.tree.map(lambda a: a[r], tree)
-
-
-# One evaluation batch size for every set, so a run compiles one evaluation program
-# (``evaluate`` pads the last batch; any number of examples reuses it).
-EVAL_BATCH = 250
-
-
-def _evaluate_replicas(model, state, data, metric_fns, replicas) -> list[dict[str, float]]:
-    return [
-        train.evaluate(
-            model,
-            _replica(state.params, r),
-            _replica(state.model_state, r),
-            data,
-            metric_fns,
-            batch_size=EVAL_BATCH,
-        )
-        for r in range(replicas)
-    ]
-
-
-def placement(mesh, seeds: int, batch_size: int) -> dict[str, Any]:
-    """How a run uses a mesh's ``data`` axis: whole replicas per device when the
-    seeds divide evenly over it (no communication between devices at all), else
-    every replica's batch split over the devices (data parallelism).
-
-    Raises:
-      ValueError: neither the seeds nor the batch divide over the axis.
-    """
-    ways = mesh.shape["data"]
-    if seeds % ways == 0:
-        return {"replica_axis": "data", "batch_axis": None}
-    if batch_size % ways == 0:
-        return {"replica_axis": None, "batch_axis": "data"}
-    raise ValueError(
-        f"the mesh's data axis has {ways} devices, which divide neither the {seeds} seeds "
-        f"nor the batch of {batch_size}; choose --mesh data=N with N dividing one of them"
-    )
+    def on_chunk_end(self, event):
+        self.advance(event.step - self.done)
+        self.done = event.step
 
 
 def train_fnnet(
@@ -157,146 +101,98 @@ def train_fnnet(
     *,
     checkpoint_seconds: float,
     advance: Callable[[int], None],
-    mesh=None,
+    mesh: Any = "auto",
 ) -> tuple[list[dict], list[dict]]:
     """Trains ``run``'s seeds together; returns ``(rows, curves)``.
 
     ``rows``: one dict per seed with the final metrics; ``curves``: one dict per
-    (evaluation, seed). ``advance(n)`` is told of every ``n`` steps done. With a
-    ``mesh`` (a ``data`` axis of more than one device) the program runs over it:
-    see :func:`placement`.
+    (evaluation, seed). ``advance(n)`` is told of every ``n`` steps done. ``mesh``
+    is ``fit``'s: ``"auto"`` spreads the seeds, or else each batch, over every
+    device.
     """
     s = run.settings
     model = run.build(task)
-    optimizer = optimizer_for(s)
     metric_fns = metrics_for(task)
-    clock = CompileClock()
-    seeds = np.arange(s.seeds)
-    with clock.running():
-        state = train.init_replicas(model, optimizer, task.example, seeds)
-    params = sum(int(np.prod(a.shape[1:])) for a in jax.tree.leaves(state.params))
-    step_fn = train.make_train_step(
+    every = {"every": s.eval_every} if checkpoint_seconds == 0 else {"seconds": checkpoint_seconds}
+    result = train.fit(
         model,
-        optimizer,
+        optimizer_for(s),
         train.softmax_cross_entropy,
-        metric_fns={k: v for k, v in metric_fns.items() if k != "loss"},
-        # A diverged seed must keep finite parameters while the others train on:
-        # the whole replicated state is checkpointed, and checkpoints refuse NaN.
-        skip_nonfinite=True,
+        task.train,
+        steps=s.steps,
+        batch_size=s.batch_size,
+        seed=list(range(s.seeds)),
+        shuffle=s.shuffle,
+        metric_fns=metric_fns,
+        eval_data=dict(task.tests),
+        eval_every=s.eval_every,
+        eval_batch_size=EVAL_BATCH,
+        checkpoint=train.Checkpoints(checkpoint_dir, keep=1, **every),
+        callbacks=[_Advance(advance)],
+        mesh=mesh,
+        settings={"run": run.fingerprint()},
+        progress=False,
     )
-    fused = {
-        "batch_size": s.batch_size,
-        "num_steps": s.eval_every,
-        "shuffle": s.shuffle,
-        "replicated": True,
-    }
-    if mesh is not None and mesh.size > 1:
-        where = placement(mesh, s.seeds, s.batch_size)
-        state = distributed.shard_state(state, mesh, replica_axis=where["replica_axis"])
-        run_chunk = distributed.make_sharded_steps(step_fn, task.train, mesh, **where, **fused)
-    else:
-        run_chunk = train.make_fused_steps(step_fn, task.train, **fused)
-    manager = CheckpointManager(checkpoint_dir, keep=1)
-    curves: list[dict] = []
-    train_seconds = compile_seconds = 0.0
-    resumed_from = None
-    fingerprint = run.fingerprint()
-    if manager.latest_step() is not None:
-        state, record = manager.restore(target=state)
-        if record.get("fingerprint") != fingerprint:
-            raise RuntimeError(
-                f"checkpoint in {checkpoint_dir} belongs to another configuration "
-                f"({record.get('fingerprint')} != {fingerprint}); delete it to start over"
-            )
-        resumed_from = int(state.step[0])
-        curves = list(record["curves"])
-        train_seconds = float(record["train_seconds"])
-        compile_seconds = float(record["compile_seconds"])
-        advance(int(state.step[0]))
+    state = result.state
+    evaluated = ["loss", *metric_fns]
+    curves = []
+    for row in result.history:
+        if f"{next(iter(task.tests))}_loss" not in row:
+            continue  # a chunk without an evaluation
+        point = {"step": row["step"], "seed": row["replica"]}
+        point.update({f"train_{k}": row[k] for k in evaluated})
+        point.update({k: row[k] for k in row if k.split("_")[0] in task.tests})
+        point["diverged"] = row["diverged"]
+        curves.append(point)
 
-    last_save = time.monotonic()
-    step = int(state.step[0])
-    scores = None  # the test sets' evaluation of the current state, once there is one
-    while step < s.steps:
-        chunk_clock = CompileClock()
-        start = time.perf_counter()
-        with chunk_clock.running(), clock.running():
-            state, chunk_metrics = run_chunk(state)
-            chunk_metrics = jax.device_get(chunk_metrics)
-        train_seconds += time.perf_counter() - start - chunk_clock.seconds
-        step = int(state.step[0])
-        bad = np.asarray(state.nonfinite_step)
-        with clock.running():
-            scores = {
-                name: _evaluate_replicas(model, state, data, metric_fns, s.seeds)
-                for name, data in task.tests.items()
-            }
-        for r in range(s.seeds):
-            point = {"step": step, "seed": r}
-            point.update({f"train_{k}": float(np.mean(v[r])) for k, v in chunk_metrics.items()})
-            for name, per_replica in scores.items():
-                point.update({f"{name}_{k}": v for k, v in per_replica[r].items()})
-            point["diverged"] = bool(bad[r] >= 0)
-            curves.append(point)
-        advance(s.eval_every)
-        if bool(np.all(bad >= 0)):
-            advance(s.steps - step)  # every seed diverged: nothing left to learn
-            break
-        if step < s.steps and time.monotonic() - last_save >= checkpoint_seconds:
-            manager.save(
-                step,
-                state,
-                metadata={
-                    "fingerprint": fingerprint,
-                    "curves": curves,
-                    "train_seconds": train_seconds,
-                    "compile_seconds": compile_seconds + clock.seconds,
-                },
-            )
-            last_save = time.monotonic()
-    compile_seconds += clock.seconds
-
+    # The test sets' scores of the final state are the last evaluation's.
+    final_tests: dict[str, list[dict]] = {name: [{}] * s.seeds for name in task.tests}
+    for row in result.history:
+        for name in task.tests:
+            if f"{name}_loss" in row:
+                final_tests[name][row["replica"]] = {k: row[f"{name}_{k}"] for k in evaluated}
     limit = min(TRAIN_EVAL_LIMIT, len(task.train[1]))
     train_subset = (task.train[0][:limit], task.train[1][:limit])
-    final_train = _evaluate_replicas(model, state, train_subset, metric_fns, s.seeds)
-    # The loop's last evaluation was of this very state; only a run resumed at its
-    # last step has none.
-    final_tests = scores or {
-        name: _evaluate_replicas(model, state, data, metric_fns, s.seeds)
-        for name, data in task.tests.items()
-    }
+    final_train = train.evaluate_replicas(
+        model, state, train_subset, {"loss": train.softmax_cross_entropy, **metric_fns},
+        batch_size=EVAL_BATCH,
+    )  # fmt: skip
+    params = sum(int(np.prod(a.shape[1:])) for a in jax.tree.leaves(state.params))
     timing = {
-        "train_seconds": round(train_seconds, 3),
-        "compile_seconds": round(compile_seconds, 3),
+        "train_seconds": round(result.seconds["train"], 3),
+        "compile_seconds": round(result.seconds["compile"], 3),
         "seeds_in_program": s.seeds,
-        "resumed_from": resumed_from,
+        "resumed_from": result.resumed_from,
     }
-    rows = _seed_rows(run, state, {"train": final_train, **final_tests}, params, timing)
+    what = np.reshape(_host(state.nonfinite_what), -1)
+    steps = np.reshape(_host(state.step), -1)
+    rows = []
+    for r in range(s.seeds):
+        row = {"model": run.model, **run.labels, "seed": r, "status": "ok"}
+        bad = result.diverged[r]
+        if bad is not None:
+            cause = {1: "loss", 2: "gradient"}.get(int(what[r]), "update")
+            row["status"] = f"diverged at step {bad} ({cause} not finite)"
+        for name, per_replica in {"train": final_train, **final_tests}.items():
+            for metric, value in per_replica[r].items():
+                value = math.nan if bad is not None or value is None else value
+                row[f"{name}_{metric}"] = value
+        row["params"] = params
+        row["steps"] = int(steps[r])
+        rows.append({**row, **timing})
     if run.after is not None:
         for row, extra in zip(rows, run.after(model, state.params, task)):
             row.update(extra)
     return rows, curves
 
 
-def _seed_rows(run: Run, state, scores: dict, params: int, timing: dict) -> list[dict]:
-    """One results row per seed: its status, final metrics (NaN once diverged), size
-    and timing. ``scores``: ``{set name: [per-replica {metric: value}]}``."""
-    bad_steps = np.asarray(state.nonfinite_step)
-    bad_what = np.asarray(state.nonfinite_what)
-    rows = []
-    for r in range(len(bad_steps)):
-        diverged = bool(bad_steps[r] >= 0)
-        row = {"model": run.model, **run.labels, "seed": r, "status": "ok"}
-        if diverged:
-            what = "loss" if int(bad_what[r]) == 1 else "gradient"
-            row["status"] = f"diverged at step {int(bad_steps[r])} ({what} not finite)"
-        for name, per_replica in scores.items():
-            for metric, value in per_replica[r].items():
-                row[f"{name}_{metric}"] = math.nan if diverged else value
-        row["params"] = params
-        row["steps"] = int(state.step[r])
-        rows.append({**row, **timing})
-    return rows
+def _host(value):
+    """A value that may be split over processes, as one NumPy array."""
+    from jax.experimental import multihost_utils
+
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(value)
 
 
 def count_fitted_numbers(estimator: Any) -> int | None:

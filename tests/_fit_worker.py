@@ -24,18 +24,17 @@ def problem():
     return model, (x, y)
 
 
+class Slow:
+    def on_chunk_end(self, event):
+        time.sleep(0.4)
+
+
 def main():
     checkpoint_dir, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     slow = "--slow" in sys.argv
     model, data = problem()
-    if slow:  # make every chunk take a while, so the kill lands mid-training
-        original = train._loop.check_finite
-
-        def slow_check(state):
-            time.sleep(0.4)
-            return original(state)
-
-        train._loop.check_finite = slow_check
+    # --slow: every chunk takes a while, so the kill lands mid-training.
+    callbacks = [Slow()] if slow else []
     result = train.fit(
         model,
         optax.adam(1e-2),
@@ -44,8 +43,8 @@ def main():
         steps=steps,
         batch_size=16,
         seed=3,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=6,
+        checkpoint=train.Checkpoints(checkpoint_dir, every=6),
+        callbacks=callbacks,
         progress=False,
     )
     leaves = jax.tree.leaves((result.state.params, result.state.opt_state))

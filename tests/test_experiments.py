@@ -248,7 +248,7 @@ def test_runs_over_a_mesh_match_one_device(tmp_path, spec):
 
     overrides = {"models": "mlp", "seeds": "2"}
     (plan,) = _suite.plan(["architectures"], overrides, quick=True)
-    _suite.execute([plan], tmp_path / "one", progress=False)
+    _suite.execute([plan], tmp_path / "one", progress=False, mesh=None)
     mesh = distributed.mesh_from_spec(spec)
     (plan,) = _suite.plan(["architectures"], overrides, quick=True)
     _suite.execute([plan], tmp_path / "mesh", progress=False, mesh=mesh)
@@ -262,12 +262,15 @@ def test_runs_over_a_mesh_match_one_device(tmp_path, spec):
     assert json.loads(record.read_text())["mesh"] == {"data": int(spec.split("=")[1])}
 
 
-def test_a_mesh_that_divides_neither_seeds_nor_batch_is_an_error():
-    from experiments._train import placement
-    from fnnet import distributed
-
-    with pytest.raises(ValueError, match="divide neither the 3 seeds nor the batch of 100"):
-        placement(distributed.mesh_from_spec("data=8"), 3, 100)
+def test_the_default_mesh_runs_three_seeds_of_batch_100_on_eight_devices(tmp_path, capsys):
+    # The first command a user types on an 8-chip host: neither 3 seeds nor a batch
+    # of 100 divide over 8 devices, so fit trains on 5 of them and says so.
+    (plan,) = _suite.plan(["architectures"], {"models": "mlp", "seeds": "3"}, quick=True)
+    assert plan.runs[0].settings.batch_size % 8 and 3 % 8
+    _suite.execute([plan], tmp_path / "auto", progress=False)
+    assert "training on" in capsys.readouterr().err
+    rows = _csv(tmp_path / "auto" / "architectures" / "results.csv")
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
 
 
 @pytest.mark.parametrize(

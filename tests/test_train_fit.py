@@ -34,7 +34,7 @@ def test_fit_learns_logs_and_evaluates(tmp_path):
     result = train.fit(
         model, optax.adam(1e-2), train.softmax_cross_entropy, _blobs(), steps=64, batch_size=16,
         metric_fns={"accuracy": train.accuracy}, eval_data=_blobs(64, seed=1), eval_every=32,
-        log_path=log, progress=False,
+        callbacks=[train.JsonLog(log)], progress=False,
     )  # fmt: skip
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert rows == result.history
@@ -52,7 +52,7 @@ def test_only_process_0_writes_the_log(tmp_path, monkeypatch, capsys):
     log = tmp_path / "metrics.jsonl"
     result = train.fit(
         fnnet.models.mlp(3, (4,)), optax.adam(1e-2), train.softmax_cross_entropy, _blobs(),
-        steps=8, batch_size=16, log_path=log, progress=True,
+        steps=8, batch_size=16, callbacks=[train.JsonLog(log)], progress=True,
     )  # fmt: skip
     assert len(result.history) == 1 and not log.exists()
     assert "step" not in capsys.readouterr().err
@@ -64,7 +64,8 @@ def test_early_stopping_stops_when_the_metric_stalls():
     result = train.fit(
         fnnet.models.mlp(3, (32,)), optax.adam(3e-2), train.softmax_cross_entropy, noise,
         steps=400, batch_size=16, metric_fns={"accuracy": train.accuracy},
-        eval_data=_blobs(64, seed=2), eval_every=8, early_stopping=("-loss", 2), progress=False,
+        eval_data=_blobs(64, seed=2), eval_every=8,
+        early_stopping=train.EarlyStopping("eval_loss", 2), progress=False,
     )  # fmt: skip
     assert result.stopped_early
     assert int(result.state.step) < 400
@@ -77,8 +78,8 @@ def test_non_finite_loss_stops_with_the_step_and_writes_no_checkpoint(tmp_path):
     with pytest.raises(train.NonFiniteError, match="step 2") as err:
         train.fit(
             fnnet.models.mlp(3, (8,)), optax.sgd(1e-2), train.softmax_cross_entropy, (x, y),
-            steps=16, batch_size=16, shuffle=False, checkpoint_dir=tmp_path / "ckpt",
-            checkpoint_every=8, progress=False,
+            steps=16, batch_size=16, shuffle=False,
+            checkpoint=train.Checkpoints(tmp_path / "ckpt", every=8), progress=False,
         )  # fmt: skip
     assert "loss" in str(err.value)
     manager = train.CheckpointManager(tmp_path / "ckpt")
@@ -138,7 +139,7 @@ def test_load_model_rebuilds_the_model_from_the_checkpoint_alone(tmp_path):
     model = fnnet.models.mlp(3, (16,))
     result = train.fit(
         model, optax.adam(1e-2), train.softmax_cross_entropy, _blobs(), steps=16, batch_size=16,
-        checkpoint_dir=tmp_path / "ckpt", progress=False,
+        checkpoint=tmp_path / "ckpt", progress=False,
     )  # fmt: skip
     rebuilt, params, model_state, metadata = train.load_model(tmp_path / "ckpt")
     assert config_of(rebuilt) == config_of(model)

@@ -9,14 +9,14 @@ split over the devices. Over several processes every host calls
 :func:`shard_data`), and leaves logging to the primary (:func:`is_primary`).
 :func:`require_backend` refuses to run on a device other than the one asked for.
 
-This package is the floor above ``fnnet.train``: it shards a ``TrainState`` and
-wraps the steps ``fnnet.train`` builds, so it imports ``fnnet.train``, and
-nothing below imports it. (Checkpoints restore onto placed shardings through
-the private ``fnnet._src.placement``, which both floors share.)
+This package is the floor above ``fnnet.train``: it names meshes, joins hosts
+and chooses backends, and nothing below imports it. The sharding of a training
+state and its steps is written in ``fnnet.train._sharding``, because ``fit``
+trains on every local device by default; this package is its public face.
 """
 
 from fnnet.distributed._mesh import mesh_from_spec
-from fnnet.distributed._sharding import (
+from fnnet.train._sharding import (
     fsdp_rule,
     make_sharded_steps,
     process_rows,

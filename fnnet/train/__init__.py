@@ -6,9 +6,9 @@ the device; :func:`init_replicas` trains independent seeds side by side with
 ``jax.vmap``; :func:`fit` repeats the steps with logging, evaluation, early
 stopping and checkpoints (:class:`CheckpointManager`) that resume exactly.
 
-Training sits on ``fnnet.models`` and the layers. Running it over many devices
-and hosts is ``fnnet.distributed``, the floor above, which this package never
-imports.
+Training sits on ``fnnet.models`` and the layers. ``fit`` trains on every local
+device by default (``_sharding``, whose public face is ``fnnet.distributed``,
+the floor above, which this package never imports).
 """
 
 from fnnet.train._state import TrainState, init_replicas, init_state, set_hyperparams
@@ -40,15 +40,29 @@ from fnnet.train._checkpoint import (
     NonFiniteCheckpointError,
     load_metadata,
 )
-from fnnet.train._loop import FitResult, fit, load_model
+from fnnet.train._clock import CompileClock
+from fnnet.train._callbacks import Event, JsonLog, Progress, RestoreBest, TensorBoard
+from fnnet.train._loop import (
+    Checkpoints,
+    EarlyStopping,
+    FitResult,
+    ResumeError,
+    evaluate_replicas,
+    fit,
+    load_model,
+    place_run,
+)
 
 __all__ = [
     "CheckpointError", "CheckpointExistsError", "CheckpointManager", "CheckpointMismatchError",
-    "CheckpointWarning", "CorruptCheckpointError", "EvaluationError", "FitResult", "LabelError",
-    "NonFiniteCheckpointError", "NonFiniteError", "Policy", "TrainState",
+    "CheckpointWarning", "Checkpoints", "CompileClock", "CorruptCheckpointError", "EarlyStopping",
+    "EvaluationError", "Event", "FitResult", "JsonLog", "LabelError", "NonFiniteCheckpointError",
+    "NonFiniteError", "Policy", "Progress", "RestoreBest", "ResumeError", "TensorBoard",
+    "TrainState",
     "accuracy", "apply_with_policy", "batch_indices", "binary_cross_entropy", "check_finite",
-    "decay_mask", "evaluate", "fit", "init_replicas", "init_state", "load_metadata", "load_model",
-    "make_fused_steps", "make_train_step", "mean_squared_error", "policy_for_backend",
+    "decay_mask", "evaluate", "evaluate_replicas", "fit", "init_replicas", "init_state",
+    "load_metadata", "load_model",
+    "make_fused_steps", "make_train_step", "mean_squared_error", "place_run", "policy_for_backend",
     "run_steps_python", "set_hyperparams", "softmax_cross_entropy", "steps_per_epoch",
     "take_batch", "top_k_accuracy",
 ]  # fmt: skip

@@ -14,8 +14,8 @@ The same code runs on one device, on eight simulated CPU devices, on a GPU
 host and on every host of a TPU slice: with several processes each one passes
 its own rows to :func:`shard_data` and runs the same program.
 
-This module sits above ``fnnet.train``: it places a ``TrainState`` and wraps the
-steps ``make_train_step`` and ``make_fused_steps`` build.
+It lives in ``fnnet.train`` because :func:`fnnet.train.fit` trains on a mesh by
+default; ``fnnet.distributed`` is its public face, beside meshes and hosts.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fnnet._src.placement import place
-from fnnet.train import TrainState, make_fused_steps
+from fnnet.train._state import TrainState
+from fnnet.train._step import make_fused_steps
 
 # rule(path, shape) -> PartitionSpec, or None for "replicated".
 RuleFn = Callable[[str, tuple[int, ...]], P | None]
