@@ -40,6 +40,7 @@ from fnnet.train._checkpoint import (
     NonFiniteCheckpointError,
     load_metadata,
 )
+from fnnet.train._fingerprint import data_fingerprint, differences, fingerprint
 from fnnet.train._loop import FitResult, fit, load_model
 
 __all__ = [
@@ -51,4 +52,6 @@ __all__ = [
     "make_fused_steps", "make_train_step", "mean_squared_error", "policy_for_backend",
     "run_steps_python", "set_hyperparams", "softmax_cross_entropy", "steps_per_epoch",
     "take_batch", "top_k_accuracy",
+    # The run's identity: fingerprints of what determines it.
+    "data_fingerprint", "differences", "fingerprint",
 ]  # fmt: skip
