@@ -1,7 +1,8 @@
-"""A run's identity: fingerprints of what determines it.
+"""A run's identity: fingerprints of what determines it, and its checkpoint directory.
 
 The fingerprint tests build optax optimizers twice and compare, in one process and
-across two.
+across two. The lock tests run real processes: one holds the lock, another is
+refused, and after a SIGKILL of the holder the lock is free again.
 """
 
 import dataclasses
@@ -9,16 +10,30 @@ import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _checkpoint_worker import METADATA, small_state
 
-from fnnet.train import data_fingerprint, differences, fingerprint
+from fnnet.train import (
+    CheckpointDirectoryError,
+    CheckpointError,
+    CheckpointLockedError,
+    CheckpointManager,
+    DirectoryLock,
+    check_checkpoint_dir,
+    data_fingerprint,
+    differences,
+    fingerprint,
+    load_metadata,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -260,3 +275,155 @@ def test_data_fingerprint_records_shapes_dtypes_and_the_ends():
 
     on_device = data_fingerprint(jnp.asarray(x))
     assert on_device == {"(root)": {"shape": [100, 3], "dtype": "float32"}}
+
+
+# The checkpoint directory.
+
+
+def test_check_creates_missing_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    made = check_checkpoint_dir("runs/a/b")
+    assert made == tmp_path / "runs" / "a" / "b" and made.is_absolute() and made.is_dir()
+    assert list(made.iterdir()) == [], "the write check leaves nothing behind"
+    assert check_checkpoint_dir(made) == made  # an existing one is fine
+
+
+def test_check_refuses_a_file(tmp_path):
+    path = tmp_path / "model.ckpt"
+    path.write_text("not a directory")
+    with pytest.raises(CheckpointDirectoryError, match=r"checkpoint_dir=.*model\.ckpt.* is a file"):
+        check_checkpoint_dir(path)
+    with pytest.raises(CheckpointDirectoryError) as info:
+        check_checkpoint_dir(path / "sub" / "dir", argument="save_to")
+    assert str(info.value).startswith("save_to=")
+    assert f"{path} is a file, not a directory" in str(info.value)
+    assert isinstance(info.value, CheckpointError)
+
+
+def test_check_refuses_odd_paths(tmp_path):
+    with pytest.raises(CheckpointDirectoryError, match="checkpoint_dir='' is empty"):
+        check_checkpoint_dir("")
+    with pytest.raises(TypeError, match="checkpoint_dir must be a directory path.*got int 3"):
+        check_checkpoint_dir(3)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(CheckpointDirectoryError, match="symbolic link to .*gone"):
+        check_checkpoint_dir(link)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_check_refuses_a_read_only_directory(tmp_path):
+    locked = tmp_path / "read-only"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(CheckpointDirectoryError, match="not writable .*Permission denied"):
+            check_checkpoint_dir(locked)
+        with pytest.raises(CheckpointDirectoryError, match="cannot create the directory"):
+            check_checkpoint_dir(locked / "inside")
+    finally:
+        locked.chmod(0o755)
+
+
+def test_check_reports_the_reason_a_directory_is_not_writable(tmp_path, monkeypatch):
+    # The same path as a read-only directory, for the suite run as root.
+    def refuse(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(CheckpointDirectoryError) as info:
+        check_checkpoint_dir(tmp_path, argument="checkpoint_dir")
+    message = str(info.value)
+    assert message.startswith(f"checkpoint_dir={str(tmp_path)!r}")
+    assert "not writable (Permission denied)" in message
+
+
+# The lock.
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from fnnet.train import DirectoryLock
+    DirectoryLock(sys.argv[1]).acquire()
+    print("locked", flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def test_a_lock_held_by_another_process_is_refused_until_it_is_killed(tmp_path):
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=_env(),
+        )
+    try:
+        line = holder.stdout.readline()  # the child's stdout: blocks until it holds the lock
+        assert line == "locked\n", (tmp_path / "stderr.txt").read_text()
+        with pytest.raises(CheckpointLockedError) as info:
+            DirectoryLock(tmp_path).acquire()
+        error = info.value
+        assert (error.pid, error.directory) == (holder.pid, tmp_path)
+        assert error.host and error.started
+        message = str(error)
+        assert f"process {holder.pid} on host {error.host}" in message
+        assert str(tmp_path) in message and "another checkpoint_dir" in message
+        assert "Wait for that run to finish" in message
+
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        with DirectoryLock(tmp_path) as lock:  # no stale lock after a SIGKILL
+            assert lock.held
+            recorded = json.loads((tmp_path / ".fnnet-lock").read_text())
+            assert recorded["pid"] == os.getpid()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert holder.returncode == -signal.SIGKILL
+
+
+def test_two_locks_in_one_process_conflict(tmp_path):
+    lock = DirectoryLock(tmp_path)
+    with lock:
+        with pytest.raises(CheckpointLockedError, match="this process"):
+            DirectoryLock(tmp_path).acquire()
+        with pytest.raises(RuntimeError, match="already held"):
+            lock.acquire()
+    assert not lock.held
+    assert (tmp_path / ".fnnet-lock").read_text() == "", "released: no holder recorded"
+    lock.release()  # releasing twice does nothing
+    with DirectoryLock(tmp_path):
+        pass
+
+
+def test_a_lock_needs_its_directory(tmp_path):
+    with pytest.raises(CheckpointDirectoryError, match="cannot open the lock file .*missing"):
+        DirectoryLock(tmp_path / "missing").acquire()
+
+
+def test_an_unreadable_lock_file_still_names_the_directory(tmp_path):
+    with DirectoryLock(tmp_path):
+        (tmp_path / ".fnnet-lock").write_text("garbage")
+        with pytest.raises(CheckpointLockedError) as info:
+            DirectoryLock(tmp_path).acquire()
+    assert info.value.pid is None
+    assert f"{tmp_path} is in use by a process that has not recorded itself" in str(info.value)
+
+
+def test_checkpoints_beside_the_lock_file_list_prune_and_restore(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=2)
+    with DirectoryLock(tmp_path):
+        for step in (1, 2, 3):
+            manager.save(step, small_state(step), metadata=METADATA)
+        assert manager.steps() == [2, 3]
+        _, record = manager.restore(target=small_state(0))
+        assert record["step"] == 3
+        assert load_metadata(tmp_path)["step"] == 3
+        assert (tmp_path / ".fnnet-lock").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fnnet-lock", "2", "3"]
+    assert manager.steps() == [2, 3]
