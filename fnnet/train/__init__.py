@@ -31,8 +31,10 @@ from fnnet.train._metrics import accuracy, top_k_accuracy
 from fnnet.train._precision import Policy, apply_with_policy, policy_for_backend
 from fnnet.train._evaluate import EvaluationError, evaluate
 from fnnet.train._checkpoint import (
+    CheckpointDirectoryError,
     CheckpointError,
     CheckpointExistsError,
+    CheckpointLockedError,
     CheckpointManager,
     CheckpointMismatchError,
     CheckpointWarning,
@@ -40,6 +42,8 @@ from fnnet.train._checkpoint import (
     NonFiniteCheckpointError,
     load_metadata,
 )
+from fnnet.train._lock import DirectoryLock, check_checkpoint_dir
+from fnnet.train._fingerprint import data_fingerprint, differences, fingerprint
 from fnnet.train._clock import CompileClock
 from fnnet.train._callbacks import Event, JsonLog, Progress, RestoreBest, TensorBoard
 from fnnet.train._loop import (
@@ -65,4 +69,7 @@ __all__ = [
     "make_fused_steps", "make_train_step", "mean_squared_error", "place_run", "policy_for_backend",
     "run_steps_python", "set_hyperparams", "softmax_cross_entropy", "steps_per_epoch",
     "take_batch", "top_k_accuracy",
+    # The run's identity: fingerprints of what determines it, and its checkpoint directory.
+    "data_fingerprint", "differences", "fingerprint",
+    "CheckpointDirectoryError", "CheckpointLockedError", "DirectoryLock", "check_checkpoint_dir",
 ]  # fmt: skip

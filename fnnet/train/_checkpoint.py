@@ -8,6 +8,7 @@ A :class:`CheckpointManager` owns one directory. Each save writes one step:
         state/                     the arrays, written by orbax (OCDBT + zarr)
         metadata/metadata.json     the record: caller's metadata, versions, spec, metrics
       200.orbax-checkpoint-tmp/    an interrupted save: never listed, never restored
+      .fnnet-lock                  the lock of the run using it (``DirectoryLock``): ignored
 
 Orbax writes every step into a temporary directory and renames it into place on
 commit, so a save killed at any moment leaves either the old set of checkpoints or
@@ -25,7 +26,8 @@ depend on the devices that wrote it. Typed PRNG keys are stored as their raw
 ``uint32`` key data with the key implementation in the record, and rewrapped on
 restore. No pickle is involved: the tree's structure is recorded as JSON.
 
-One process writes a directory at a time; several may read it. The exception
+One process writes a directory at a time (``DirectoryLock`` makes sure); several
+may read it. The exception
 is a run over several processes (``jax.distributed``): there every process
 calls ``save`` and ``restore`` with the same state, arrays split across
 processes are gathered for the save (a collective), orbax writes from process
@@ -108,6 +110,35 @@ class NonFiniteCheckpointError(CheckpointError):
 
 class CheckpointExistsError(CheckpointError):
     """``save`` was asked to write a step that already has an intact checkpoint."""
+
+
+class CheckpointDirectoryError(CheckpointError):
+    """A checkpoint directory cannot be used: it is a file, or cannot be created or written."""
+
+
+class CheckpointLockedError(CheckpointError):
+    """Another process holds the lock on a checkpoint directory (see ``DirectoryLock``).
+
+    Attributes:
+      directory: the locked directory.
+      pid, host, started: what the holder wrote into the lock file (its process
+        id, host name and the time it took the lock), or None where unreadable.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        directory: pathlib.Path,
+        pid: int | None = None,
+        host: str | None = None,
+        started: str | None = None,
+    ):
+        super().__init__(message)
+        self.directory = directory
+        self.pid = pid
+        self.host = host
+        self.started = started
 
 
 class CheckpointWarning(UserWarning):
