@@ -35,6 +35,8 @@ def main():
     model, data = problem()
     # --slow: every chunk takes a while, so the kill lands mid-training.
     callbacks = [Slow()] if slow else []
+    if "--log" in sys.argv:
+        callbacks.append(train.JsonLog(sys.argv[sys.argv.index("--log") + 1]))
     result = train.fit(
         model,
         optax.adam(1e-2),

@@ -326,7 +326,11 @@ def make_sharded_steps(
     if not all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(dataset)):
         dataset = replicate(dataset, mesh)
     step = sharded_step(step_fn, mesh, rule=rule, batch_axis=batch_axis)
-    fused_run = make_fused_steps(step, dataset, **fused)
+    # Replicas split over devices must run side by side: a loop over a split axis
+    # would gather it.
+    fused_run = make_fused_steps(
+        step, dataset, vectorize_replicas=replica_axis is not None, **fused
+    )
 
     def run(state: TrainState):
         new_state, metrics = fused_run(state)

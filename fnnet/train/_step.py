@@ -250,7 +250,8 @@ def make_train_step(
         # optimizer's update. Skipping is what costs (see skip_nonfinite): a
         # cond, so the update is computed only when it is kept, rather than a
         # select on every leaf, which on the CPU is slower still. Under vmap
-        # (replicas) the cond becomes that select, with the same result.
+        # (replicas split over devices) the cond becomes that select, with the
+        # same result.
         finite_loss = jnp.isfinite(loss)
         finite = finite_loss & _all_finite(grads)
 
@@ -317,6 +318,7 @@ def make_fused_steps(
     num_steps: int,
     shuffle: bool = True,
     replicated: bool = False,
+    vectorize_replicas: bool = False,
     canonical_convs: bool | None = None,
 ) -> Callable[[TrainState], tuple[TrainState, dict[str, jax.Array]]]:
     """``num_steps`` training steps compiled as one program (a ``jax.lax.scan``).
@@ -342,7 +344,14 @@ def make_fused_steps(
       num_steps: steps per call of ``run`` (static: one program per length).
       shuffle: reshuffle every epoch (False: stored order, as in the MNIST-1D paper).
       replicated: ``run`` takes states with a leading replica axis and trains
-        every replica on the shared dataset (``jax.vmap`` inside the program).
+        every replica on the shared dataset, one after another inside the
+        program (``jax.lax.map``), so replica ``r`` is bit for bit the run of
+        its seed alone (on the CPU, vmapped matmuls round differently in the
+        last bit, and vmapped convolutions are slower).
+      vectorize_replicas: train the replicas side by side with ``jax.vmap``
+        instead: needed when the replica axis is split over devices
+        (``make_sharded_steps(..., replica_axis=...)`` sets it), equal to the
+        separate runs only to float tolerance.
       canonical_convs: rewrite convolutions into the layout XLA:CPU runs fast
         (None: only when the default backend is the CPU). Without it, the
         gradient convolutions inside the scan's loop run as naive loop nests,
@@ -381,8 +390,13 @@ def make_fused_steps(
 
         return jax.lax.scan(body, state, length=num_steps)
 
-    # The dataset is shared by every replica: vmapped over the state alone.
-    compiled = jax.jit(jax.vmap(fused, in_axes=(0, None)) if replicated else fused)
+    # The dataset is shared by every replica: mapped over the state alone.
+    if replicated and vectorize_replicas:
+        compiled = jax.jit(jax.vmap(fused, in_axes=(0, None)))
+    elif replicated:
+        compiled = jax.jit(lambda states, data: jax.lax.map(lambda s: fused(s, data), states))
+    else:
+        compiled = jax.jit(fused)
 
     def run(state: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
         return compiled(state, dataset)
