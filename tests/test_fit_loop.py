@@ -168,9 +168,8 @@ def test_four_seeds_equal_four_separate_runs_bitwise(threefry):
     assert together.replicas == 4 and len(together.history) == 4 * 3
     for r in range(4):
         alone = _fit(model=model, seed=r, steps=18)
-        for a, b in zip(
-            _leaves(alone.state), _leaves(jax.tree.map(lambda a: a[r], together.state))
-        ):
+        mine = jax.tree.map(lambda a, r=r: a[r], together.state)
+        for a, b in zip(_leaves(alone.state), _leaves(mine)):
             np.testing.assert_array_equal(a, b)
         mine = [row["loss"] for row in together.history if row["replica"] == r]
         assert mine == [row["loss"] for row in alone.history]
@@ -339,8 +338,10 @@ class _Recorder:
 
 def test_callbacks_hear_every_chunk_evaluation_and_checkpoint(tmp_path):
     calls = []
-    _fit(steps=12, eval_data=HELD_OUT, eval_every=12, checkpoint=train.Checkpoints(tmp_path, every=6),
-         callbacks=[_Recorder(calls)])  # fmt: skip
+    every = train.Checkpoints(tmp_path, every=6)
+    _fit(
+        steps=12, eval_data=HELD_OUT, eval_every=12, checkpoint=every, callbacks=[_Recorder(calls)]
+    )
     assert calls == [
         ("start", 0), ("chunk", 6), ("checkpoint", 6, "6"), ("chunk", 12), ("eval", 12),
         ("checkpoint", 12, "12"), ("end", 12),
