@@ -49,8 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--distributed",
         action="store_true",
-        help="join a multi-host run first (jax.distributed.initialize, as on a TPU slice)",
+        help="join a multi-host run first (jax.distributed.initialize; on a TPU slice it "
+        "finds its peers itself, elsewhere give the three options below)",
     )
+    run.add_argument("--coordinator", metavar="HOST:PORT", help="with --distributed: process 0")
+    run.add_argument("--num-processes", type=int, help="with --distributed: how many take part")
+    run.add_argument("--process-id", type=int, help="with --distributed: this one's index")
     run.add_argument(
         "--checkpoint-seconds",
         type=float,
@@ -111,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     from fnnet import distributed
 
     try:
+        peers = (args.coordinator, args.num_processes, args.process_id)
+        if any(v is not None for v in peers) and not args.distributed:
+            raise ValueError("--coordinator, --num-processes and --process-id need --distributed")
         if args.distributed:
-            distributed.init_distributed()
+            distributed.init_distributed(*peers)
         if args.device is not None:
             distributed.require_backend(args.device)
         if args.precision is not None:

@@ -335,9 +335,22 @@ def make_sharded_steps(
     def run(state: TrainState):
         new_state, metrics = fused_run(state)
         placed = state_sharding(new_state, mesh, rule, replica_axis=replica_axis)
-        return jax.device_put(new_state, placed), metrics
+        return jax.tree.map(_keep_placed, new_state, placed), metrics
 
     return run
+
+
+def _keep_placed(leaf: jax.Array, sharding: NamedSharding) -> jax.Array:
+    """``leaf`` on ``sharding``: as it is when it already is, else moved there.
+
+    ``jax.device_put`` refuses a sharding with devices of other processes, so
+    across processes the move is a compiled identity with that output sharding.
+    """
+    if leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
+        return leaf
+    if sharding.is_fully_addressable:
+        return jax.device_put(leaf, sharding)
+    return jax.jit(lambda a: a, out_shardings=sharding)(leaf)
 
 
 def _axis_size(mesh: Mesh, axis: str | tuple[str, ...], where: str) -> int:
