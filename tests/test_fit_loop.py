@@ -41,7 +41,8 @@ def _fit(**kw):
     args = {"steps": 12, "batch_size": 16, "mesh": None, "progress": False, **kw}
     optimizer = args.pop("optimizer", optax.adam(1e-2))
     data = args.pop("data", DATA)
-    return train.fit(args.pop("model", MODEL), optimizer, LOSS, data, **args)
+    loss_fn = args.pop("loss_fn", LOSS)
+    return train.fit(args.pop("model", MODEL), optimizer, loss_fn, data, **args)
 
 
 def _leaves(tree):
@@ -268,10 +269,13 @@ def test_labels_outside_the_model_range_are_an_error_naming_value_and_index():
 
 
 def test_an_overflowing_update_stops_with_a_finite_last_state(tmp_path):
-    # Finite loss and gradients, an update so large the parameters overflow.
+    # Finite loss and gradients at step 3, and a learning rate there that overflows
+    # the parameters: only a check of what the update produced can see it.
+    spike = optax.scale_by_schedule(lambda n: jnp.where(n == 3, jnp.inf, 1.0))
+    optimizer = optax.chain(optax.sgd(1e-2), spike)
     with pytest.raises(train.NonFiniteError) as error:
-        _fit(optimizer=optax.sgd(1e38), steps=12, checkpoint=train.Checkpoints(tmp_path, every=6))
-    assert error.value.step == 0
+        _fit(optimizer=optimizer, steps=12, checkpoint=train.Checkpoints(tmp_path, every=6))
+    assert (error.value.step, error.value.what) == (3, "update")
     last = error.value.last_finite_state
     assert all(np.all(np.isfinite(leaf)) for leaf in _leaves(last.params))
     assert train.CheckpointManager(tmp_path).steps() == []
@@ -437,3 +441,64 @@ def test_only_process_0_shows_progress(monkeypatch, capsys):
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     _fit(progress=True)
     assert "fit: step" not in capsys.readouterr().err
+
+
+# --- predict, evaluate and the params they are given ----------------------------------
+
+
+def test_predict_compiles_once_for_any_number_of_examples():
+    params = MODEL.init(jax.random.key(0), DATA[0][0])
+    from fnnet.train import _evaluate
+
+    before = _evaluate._batch_outputs_jit._cache_size()
+    outputs = [train.predict(MODEL, params, {}, DATA[0][:n], batch_size=16) for n in (5, 37, 96)]
+    assert _evaluate._batch_outputs_jit._cache_size() == before + 1
+    assert [o.shape for o in outputs] == [(5, 3), (37, 3), (96, 3)]
+    direct = jax.vmap(lambda x: MODEL.apply(params, x))(DATA[0])
+    np.testing.assert_allclose(outputs[2], direct, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(outputs[1], outputs[2][:37])
+
+
+def test_predict_takes_dict_inputs_and_rejects_a_dict_without_x():
+    model = fnnet.models.rnn(2, hidden=4, cell="gru")
+    seqs = np.random.default_rng(0).standard_normal((10, 5, 2)).astype(np.float32)
+    lengths = np.full(10, 3, np.int32)
+    params = model.init(jax.random.key(0), seqs[0])
+    cut = train.predict(model, params, {}, {"x": seqs, "lengths": lengths}, batch_size=4)
+    short = train.predict(model, params, {}, seqs[:, :3], batch_size=4)
+    np.testing.assert_allclose(cut, short, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs the key 'x'.*'lengths', 'tokens'"):
+        train.predict(model, params, {}, {"tokens": seqs, "lengths": lengths}, batch_size=4)
+
+
+def test_params_with_an_extra_or_missing_entry_are_named():
+    params = MODEL.init(jax.random.key(0), DATA[0][0])
+    extra = {**params, "stray": {"w": jnp.zeros(3)}}
+    with pytest.raises(train.ParamsError, match=r"not in the model \['stray'\]\['w'\]"):
+        train.evaluate(MODEL, extra, {}, DATA, {"loss": LOSS}, batch_size=16)
+    missing = dict(params)
+    gone = sorted(missing)[0]
+    del missing[gone]
+    with pytest.raises(train.ParamsError, match=rf"missing \['{gone}'\]"):
+        train.predict(MODEL, missing, {}, DATA[0], batch_size=16)
+
+
+def test_eval_labels_are_checked_too_and_float_targets_are_left_alone():
+    x, y = HELD_OUT
+    bad = y.copy()
+    bad[4] = -1
+    with pytest.raises(train.LabelError, match=r"eval_data: label -1 at index 4"):
+        _fit(eval_data=(x, bad))
+    # A regression target is not a class label: no range applies.
+    targets = np.full((96, 3), 7.0, np.float32)
+    result = _fit(data=(DATA[0], targets), loss_fn=train.mean_squared_error, steps=6)
+    assert result.state.step == 6
+
+
+def test_a_replica_whose_update_overflows_stops_and_the_others_train_on():
+    # Replica 1's learning rate overflows its parameters at its first step.
+    optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=1e-2)
+    result = _fit(optimizer=optimizer, seed=[0, 1], hyperparams={"learning_rate": [1e-2, np.inf]})
+    assert result.diverged == [None, 0]
+    for leaf in _leaves(result.state.params):
+        assert np.all(np.isfinite(leaf))

@@ -29,7 +29,8 @@ from fnnet.train._losses import (
 )
 from fnnet.train._metrics import accuracy, top_k_accuracy
 from fnnet.train._precision import Policy, apply_with_policy, policy_for_backend
-from fnnet.train._evaluate import EvaluationError, evaluate
+from fnnet.train._evaluate import EvaluationError, evaluate, predict
+from fnnet.train._inputs import ParamsError, check_labels, check_params, split_inputs
 from fnnet.train._checkpoint import (
     CheckpointDirectoryError,
     CheckpointError,
@@ -69,6 +70,8 @@ __all__ = [
     "make_fused_steps", "make_train_step", "mean_squared_error", "place_run", "policy_for_backend",
     "run_steps_python", "set_hyperparams", "softmax_cross_entropy", "steps_per_epoch",
     "take_batch", "top_k_accuracy",
+    # What fit, evaluate and predict check of their inputs; predictions in batches.
+    "ParamsError", "check_labels", "check_params", "predict", "split_inputs",
     # The run's identity: fingerprints of what determines it, and its checkpoint directory.
     "data_fingerprint", "differences", "fingerprint",
     "CheckpointDirectoryError", "CheckpointLockedError", "DirectoryLock", "check_checkpoint_dir",

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fnnet._src.layer import Layer
+from fnnet.train._inputs import check_params, split_inputs
 from fnnet.train._precision import Policy, apply_with_policy
 
 MetricFn = Callable[[Any, Any], jax.Array]
@@ -52,9 +53,14 @@ def _batch_sums(
     """
 
     def forward(x):
+        positional, inputs = split_inputs(model, x)
         if policy is None:
-            return model.apply_with_state(params, state, x, key=None, train=False)[0]
-        return apply_with_policy(model, policy, params, state, x, key=None, train=False)[0]
+            return model.apply_with_state(
+                params, state, positional, key=None, train=False, **inputs
+            )[0]
+        return apply_with_policy(
+            model, policy, params, state, positional, key=None, train=False, **inputs
+        )[0]
 
     outputs = jax.vmap(forward)(xs)  # (batch, ...)
     sums = {}
@@ -149,6 +155,7 @@ def evaluate(
                 f"got {name!r}: {fn!r}"
             )
     n = _size(dataset)
+    check_params(model, params, jax.tree.map(lambda a: a[0], dataset[0]), where="evaluate: params")
     num_batches = math.ceil(n / batch_size)
     total = num_batches * batch_size
     xs, ys = (jax.tree.map(lambda a: _pad(a, total), part) for part in dataset)
@@ -164,3 +171,78 @@ def evaluate(
     per_batch = jax.device_get(per_batch)
     # Sum the per-batch float32 sums in float64, so large N loses no precision.
     return {name: math.fsum(float(s[name]) for s in per_batch) / n for name, _ in metrics}
+
+
+def _batch_outputs(model: Layer, policy: Policy | None, params: Any, state: Any, xs: Any) -> Any:
+    """The model's output for each example of one batch (leading axis ``batch``)."""
+
+    def forward(x):
+        positional, inputs = split_inputs(model, x)
+        if policy is None:
+            return model.apply_with_state(
+                params, state, positional, key=None, train=False, **inputs
+            )[0]
+        return apply_with_policy(
+            model, policy, params, state, positional, key=None, train=False, **inputs
+        )[0]
+
+    return jax.vmap(forward)(xs)
+
+
+# Static model and policy, as _batch_sums_jit: one program per batch shape, any N.
+_batch_outputs_jit = jax.jit(_batch_outputs, static_argnums=(0, 1))
+
+
+def predict(
+    model: Layer,
+    params: Any,
+    state: Any,
+    x: Any,
+    *,
+    batch_size: int,
+    policy: Policy | None = None,
+) -> Any:
+    """The model's output for every example of ``x``, in inference mode, in batches.
+
+    As :func:`evaluate`: the model runs with ``train=False`` one example at a
+    time under ``jax.vmap``, the last batch is padded to ``batch_size`` (the
+    padding's outputs dropped), so one program is compiled for a model, policy
+    and batch size and reused for every number of examples.
+
+    Args:
+      model: the model, stateful or not.
+      params: its params (checked against the model: a missing, extra or
+        mis-shaped entry is a ``ParamsError``).
+      state: its state (``{}`` for a stateless model).
+      x: inputs with a leading axis of ``N`` examples: an array, or a dict
+        whose ``"x"`` is the positional input and whose other entries are
+        keyword inputs (``{"x": tokens, "lengths": lengths}``).
+      batch_size: examples per batch.
+      policy: a mixed-precision :class:`Policy`; by default none is applied.
+
+    Returns:
+      The outputs stacked on a leading axis of ``N``, as NumPy arrays (one per
+      leaf of the model's output).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise EvaluationError(f"predict: batch_size must be a positive integer, got {batch_size!r}")
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(x)}
+    if not sizes or None in sizes or len(sizes) != 1:
+        raise EvaluationError(
+            f"predict: every array of x needs the same leading example axis N, got shapes "
+            f"{jax.tree.map(np.shape, x)}"
+        )
+    (n,) = sizes
+    if n == 0:
+        raise EvaluationError("predict: x is empty (N = 0)")
+    check_params(model, params, jax.tree.map(lambda a: a[0], x), where="predict: params")
+    num_batches = math.ceil(n / batch_size)
+    xs = jax.tree.map(lambda a: _pad(a, num_batches * batch_size), x)
+    per_batch = []
+    for i in range(num_batches):
+        rows = slice(i * batch_size, (i + 1) * batch_size)
+        batch = jax.tree.map(lambda a, rows=rows: a[rows], xs)
+        per_batch.append(_batch_outputs_jit(model, policy, params, state, batch))
+    # Joined on the host: a device-side concatenate would compile once per number of batches.
+    per_batch = jax.device_get(per_batch)
+    return jax.tree.map(lambda *parts: np.concatenate(parts)[:n], *per_batch)

@@ -38,7 +38,7 @@ from fnnet.train._checkpoint import CheckpointError, CheckpointManager, load_met
 from fnnet.train._clock import CompileClock
 from fnnet.train._evaluate import _batch_sums
 from fnnet.train._fingerprint import data_fingerprint, differences, fingerprint
-from fnnet.train._inputs import check_labels
+from fnnet.train._inputs import check_labels, init_example
 from fnnet.train._lock import DirectoryLock, check_checkpoint_dir
 from fnnet.train._sharding import make_sharded_steps, replicate, shard_state
 from fnnet.train._state import TrainState, init_replicas, init_state, set_hyperparams
@@ -898,10 +898,7 @@ def _check_initial(state: TrainState) -> None:
 def _model_identity(model: Layer, example: Any) -> dict:
     """What the resume check compares of a model: its configuration when fnnet can
     rebuild it, and in any case its kind and every parameter's path and shape."""
-    from fnnet.train._inputs import split_inputs
-
-    positional, inputs = split_inputs(model, example)
-    shapes = jax.eval_shape(lambda: model.init_with_state(jax.random.key(0), positional, **inputs))
+    shapes = jax.eval_shape(lambda: init_example(model, jax.random.key(0), example))
     return {
         "config": config_of(model),
         "kind": model.kind,

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from fnnet._src.layer import Layer
+from fnnet.train._inputs import init_example
 
 
 class TrainState(NamedTuple):
@@ -38,9 +39,10 @@ class TrainState(NamedTuple):
       key: typed PRNG key; step ``t`` draws dropout keys from ``fold_in(key, t)``.
       data_key: typed PRNG key; epoch ``e`` is shuffled with ``fold_in(data_key, e)``.
       nonfinite_step: int32 scalar, ``-1`` while every loss and gradient has been
-        finite, else the first step whose loss or gradients were not.
+        finite, else the first step whose loss, gradients or update were not.
       nonfinite_what: int32 scalar, what was not finite at that step:
-        0 nothing, 1 the loss, 2 the gradients (with a finite loss).
+        0 nothing, 1 the loss, 2 the gradients (with a finite loss), 3 the
+        values the update produced (with finite loss and gradients).
     """
 
     params: Any
@@ -91,7 +93,7 @@ def init_state(
     init_key, dropout_key, data_key = jax.random.split(_as_key(seed, impl), 3)
     if data_seed is not None:
         data_key = _as_key(data_seed, impl)
-    params, model_state = model.init_with_state(init_key, example)
+    params, model_state = init_example(model, init_key, example)
     # optax mixes dtypes freely; see _step._optax_promotion.
     with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
         opt_state = optimizer.init(params)

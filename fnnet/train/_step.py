@@ -35,6 +35,7 @@ from fnnet.train._data import (
     steps_per_epoch,
     take_batch,
 )
+from fnnet.train._inputs import split_inputs
 from fnnet.train._state import TrainState
 
 # Per-example functions: (one example's model output, its label) -> scalar.
@@ -45,7 +46,8 @@ StepFn = Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
 FINITE = 0
 NONFINITE_LOSS = 1
 NONFINITE_GRADS = 2
-_WHAT = {NONFINITE_LOSS: "loss", NONFINITE_GRADS: "gradient"}
+NONFINITE_UPDATE = 3
+_WHAT = {NONFINITE_LOSS: "loss", NONFINITE_GRADS: "gradient", NONFINITE_UPDATE: "update"}
 
 # Parameter names that weight decay always / never shrinks (see decay_mask).
 _DECAY_NAMES = frozenset({"w", "table", "kernel"})
@@ -53,11 +55,12 @@ _NO_DECAY_NAMES = frozenset({"b", "bias", "scale"})
 
 
 class NonFiniteError(FloatingPointError):
-    """Training met a non-finite loss or gradient.
+    """Training met a non-finite loss, gradient or updated value.
 
     Attributes:
-      step: the first step whose loss or gradients were not finite.
-      what: ``"loss"`` or ``"gradient"``.
+      step: the first step whose loss, gradients or update were not finite.
+      what: ``"loss"``, ``"gradient"`` or ``"update"`` (finite loss and
+        gradients, but the new params, optimizer or model state were not).
       replica: the first replica that failed, or None for an unreplicated state.
       last_finite_state: set by ``fit``: the last training state it checked and
         found finite (the start of the chunk of steps that failed), else None.
@@ -79,7 +82,7 @@ class NonFiniteError(FloatingPointError):
 
 
 def check_finite(state: TrainState) -> None:
-    """Raises :class:`NonFiniteError` if any step so far had a non-finite loss or gradient.
+    """Raises :class:`NonFiniteError` if any step so far had a non-finite loss, gradient or update.
 
     A host function: it reads two int32 scalars (or ``(replicas,)`` vectors) from
     the device, so the training loop calls it every few steps or once per fused
@@ -189,8 +192,8 @@ def make_train_step(
       metric_fns: ``{name: fn(output, label) -> scalar}``, each averaged over the
         batch and reported next to ``"loss"``; computed from the same forward pass.
       batch_axis: the name of the vmapped batch axis (BatchNorm's ``axis_name``).
-      skip_nonfinite: also skip the update of a step whose loss or gradient is
-        not finite, so the state keeps the last finite parameters. Off by
+      skip_nonfinite: also skip the update of a step whose loss, gradient or
+        updated state is not finite, so the state keeps the last finite parameters. Off by
         default because it is not free: the skip must wait for the whole
         backward pass and a reduction over every gradient before the first
         parameter may change, so the optimizer can no longer update one layer
@@ -202,7 +205,8 @@ def make_train_step(
       ``step(state, batch)``, where ``batch = (x, y)`` has a leading batch axis on
       every leaf. It returns the new :class:`TrainState` and
       ``{"loss": scalar, **{name: scalar}}``. The step counter always advances.
-      The first step whose loss or any gradient is not finite is recorded in
+      The first step whose loss, any gradient or any value the update produced
+      (params, optimizer state, model state) is not finite is recorded in
       ``nonfinite_step`` / ``nonfinite_what``, inside the program, with no host
       sync; ``check_finite`` (which ``fit`` calls after every chunk of steps)
       turns that record into a :class:`NonFiniteError`, and checkpoints refuse
@@ -226,7 +230,10 @@ def make_train_step(
             x = policy.cast_input(x)
 
         def forward(x, key):
-            return model.apply_with_state(params, model_state, x, key=key, train=True)
+            positional, inputs = split_inputs(model, x)
+            return model.apply_with_state(
+                params, model_state, positional, key=key, train=True, **inputs
+            )
 
         # The model's new state (BatchNorm statistics, reached by pmean over the
         # batch axis) is the same for every example: out_axes None says so.
@@ -253,7 +260,7 @@ def make_train_step(
         # (replicas split over devices) the cond becomes that select, with the
         # same result.
         finite_loss = jnp.isfinite(loss)
-        finite = finite_loss & _all_finite(grads)
+        finite_grads = _all_finite(grads)
 
         def apply_update():
             with _optax_promotion():
@@ -266,15 +273,28 @@ def make_train_step(
                 (state.params, state.opt_state, state.model_state),
             )
 
+        def keep():
+            return state.params, state.opt_state, state.model_state
+
         if skip_nonfinite:
-            params, opt_state, model_state = jax.lax.cond(
-                finite, apply_update, lambda: (state.params, state.opt_state, state.model_state)
-            )
+            updated = jax.lax.cond(finite_loss & finite_grads, apply_update, keep)
         else:
-            params, opt_state, model_state = apply_update()
+            updated = apply_update()
+        # Finite loss and gradients can still give an update that overflows (a
+        # huge learning rate at one step): what the update produced is checked
+        # too, so a state reported finite is finite in every value.
+        finite_update = _all_finite(updated)
+        finite = finite_loss & finite_grads & finite_update
+        if skip_nonfinite:
+            updated = jax.lax.cond(finite_update, lambda: updated, keep)
+        params, opt_state, model_state = updated
 
         first_bad = (state.nonfinite_step < 0) & ~finite
-        what = jnp.where(finite_loss, jnp.int32(NONFINITE_GRADS), jnp.int32(NONFINITE_LOSS))
+        what = jnp.where(
+            ~finite_loss,
+            jnp.int32(NONFINITE_LOSS),
+            jnp.where(~finite_grads, jnp.int32(NONFINITE_GRADS), jnp.int32(NONFINITE_UPDATE)),
+        )
         new_state = TrainState(
             params=params,
             opt_state=opt_state,
