@@ -63,8 +63,52 @@ def _distributions(modules: set[str]) -> set[str]:
     return {_name(providers[m][0]) for m in modules}
 
 
+# Extras that fnnet/ itself imports, only inside the function that needs them (so
+# ``import fnnet`` works without them) and with an error that names the extra.
+LIBRARY_EXTRAS = ("tensorboard",)
+
+
+def _extra_only(extra: str) -> set[str]:
+    return {_name(r) for r in PROJECT["optional-dependencies"][extra]} - {"fnnet"}
+
+
+def _top_level_imports(folder: str) -> set[str]:
+    """Modules imported at module level under ``folder`` (not inside a function)."""
+    modules = set()
+    for path in (ROOT / folder).rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        nested = {
+            id(n)
+            for f in ast.walk(tree)
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for n in ast.walk(f)
+        }
+        for node in ast.walk(tree):
+            if id(node) in nested:
+                continue
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    return modules
+
+
 def test_runtime_dependencies_are_what_fnnet_imports():
-    assert _distributions(_imported("fnnet")) == _declared()
+    optional = set().union(*(_extra_only(e) for e in LIBRARY_EXTRAS))
+    imported = _distributions(_imported("fnnet"))
+    assert imported - optional == _declared()
+    assert optional <= imported, "a library extra fnnet/ no longer imports: drop it"
+
+
+def test_library_extras_are_imported_lazily():
+    optional = set().union(*(_extra_only(e) for e in LIBRARY_EXTRAS))
+    providers = metadata.packages_distributions()
+    eager = {
+        m
+        for m in _top_level_imports("fnnet")
+        if m in providers and _name(providers[m][0]) in optional
+    }
+    assert not eager, f"fnnet/ imports {sorted(eager)} at module level; import it where used"
 
 
 @pytest.mark.parametrize(

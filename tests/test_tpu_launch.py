@@ -95,7 +95,7 @@ def test_up_queues_waits_copies_and_installs(launch, tmp_path):
     assert destination == "my-tpu:" and scp[6:] == [*where, "--worker=all"]
     assert not archive.exists()  # the launcher cleans up after itself
     with tarfile.open(tmp_path / "calls.jsonl.upload") as tar:  # the committed tree
-        assert "fnnet/distributed/_sharding.py" in tar.getnames()
+        assert "fnnet/train/_sharding.py" in tar.getnames()
     assert ssh[:5] == ["compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
     assert ssh[5:8] == [*where, "--worker=all"]
     command = ssh[8]
