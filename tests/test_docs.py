@@ -13,9 +13,15 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_examples_in_page_run(page):
     # Examples are what a user types, so they run under JAX's default settings,
-    # not the suite's strict promotion (optax itself mixes Python floats and ints).
-    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
-        result = _run(page)
+    # not the suite's strict promotion (optax itself mixes Python floats and ints),
+    # and with JAX's default random bits (threefry), not the suite's faster rbg.
+    impl = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "threefry2x32")
+    try:
+        with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+            result = _run(page)
+    finally:
+        jax.config.update("jax_default_prng_impl", impl)
     assert result.failed == 0, f"{result.failed} example(s) in {page.name} failed (see output)"
 
 

@@ -16,6 +16,7 @@ which step) is taken by process 0 and broadcast.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 import os
@@ -214,6 +215,11 @@ def _eval_sets(eval_data: Any) -> dict[str, tuple[Any, Any]]:
     return {"eval": (x, y)}
 
 
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _check_early_stopping(early_stopping: Any, known: list[str]) -> str | None:
     if early_stopping is None:
         return None
@@ -229,7 +235,8 @@ def _check_early_stopping(early_stopping: Any, known: list[str]) -> str | None:
     if early_stopping.monitor not in known:
         raise ValueError(
             f"fit: early_stopping monitors {early_stopping.monitor!r}, which no evaluation "
-            f"reports; it could watch one of {', '.join(known)}"
+            f"reports{_did_you_mean(early_stopping.monitor, known)}; it could watch one of "
+            f"{', '.join(known)}"
         )
     _positive_int(early_stopping.patience, "early_stopping.patience")
     return early_stopping.resolved_mode()
@@ -594,8 +601,9 @@ def fit(
         monitor = getattr(callback, "monitor", None)
         if isinstance(callback, _callbacks.RestoreBest) and monitor not in known:
             raise ValueError(
-                f"fit: RestoreBest monitors {monitor!r}, which no evaluation reports; it "
-                f"could watch one of {', '.join(known) or '(nothing: no eval_data)'}"
+                f"fit: RestoreBest monitors {monitor!r}, which no evaluation reports"
+                f"{_did_you_mean(str(monitor), known)}; it could watch one of "
+                f"{', '.join(known) or '(nothing: no eval_data)'}"
             )
     if not isinstance(progress, bool):
         raise TypeError(f"fit: progress must be True or False, got {progress!r}")
