@@ -22,8 +22,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SUITE = ["architectures", "depth", "ml_vs_dl", "memory", "char_lm", "shapes"]
 
 
-def _run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run_cli(*args: str, timeout: float = 300, devices: int | None = None):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if devices is not None:  # simulated CPU devices, as a host with that many chips
+        env["JAX_NUM_CPU_DEVICES"] = str(devices)
     return subprocess.run(
         [sys.executable, "-m", "experiments", *args],
         cwd=ROOT,
@@ -112,8 +114,9 @@ def test_list_shows_experiments_fields_and_the_model_registry(capsys):
 
 @pytest.fixture(scope="module")
 def quick_suite(tmp_path_factory):
+    # The first command a user types on an 8-chip host, with the default mesh.
     out = tmp_path_factory.mktemp("quick")
-    done = _run_cli("run", "--quick", "--no-progress", "--out", str(out))
+    done = _run_cli("run", "--quick", "--no-progress", "--out", str(out), devices=8)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -271,6 +274,26 @@ def test_the_default_mesh_runs_three_seeds_of_batch_100_on_eight_devices(tmp_pat
     assert "training on" in capsys.readouterr().err
     rows = _csv(tmp_path / "auto" / "architectures" / "results.csv")
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+
+
+@pytest.mark.parametrize("devices", [1, 2, 3, 8])
+def test_default_settings_place_on_any_number_of_devices(devices):
+    """Every experiment's default seeds and batch find a placement on 1, 2, 3 or 8
+    devices: a split, or fewer devices with a notice, never an exception."""
+    import jax
+    from jax.sharding import Mesh
+
+    from fnnet import train
+
+    mesh = Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+    for plan in _suite.plan(["all"], {}):
+        for run in plan.runs:
+            s = run.settings
+            where = train.place_run(mesh, s.seeds, s.batch_size)
+            if where.mesh is None:
+                assert devices == 1 or where.notice, (plan.experiment.name, devices)
+            elif where.notice is None:
+                assert where.mesh.shape["data"] == devices
 
 
 @pytest.mark.parametrize(
