@@ -149,3 +149,17 @@ def test_load_model_rebuilds_the_model_from_the_checkpoint_alone(tmp_path):
         jax.vmap(lambda x: model.apply(result.state.params, x))(x),
     )
     assert metadata["fit"]["batch_size"] == 16
+
+
+def test_load_model_tells_how_to_restore_a_custom_model(tmp_path):
+    model = fnnet.serial(fnnet.dense(8), fnnet.relu(), fnnet.dense(3))  # not a shipped model
+    result = train.fit(
+        model, optax.adam(1e-2), train.softmax_cross_entropy, _blobs(), steps=4, batch_size=16,
+        checkpoint=tmp_path / "ckpt", progress=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"CheckpointManager\(.*ckpt.*\)\.restore\(\)"):
+        train.load_model(tmp_path / "ckpt")
+    # What the message says to do works.
+    tree, _ = train.CheckpointManager(tmp_path / "ckpt").restore()
+    for a, b in zip(jax.tree.leaves(tree["state"].params), jax.tree.leaves(result.state.params)):
+        np.testing.assert_array_equal(a, b)
