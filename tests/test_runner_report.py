@@ -1,0 +1,50 @@
+"""What the runner writes when a run is not at the default settings, how ``report``
+rebuilds from the records that exist, its plots, and the mistakes it stops first."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from experiments import _suite
+from experiments._config import ConfigError, TrainConfig
+
+# --- TrainConfig refuses values no run could use ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("learning_rate", math.inf, "learning_rate must be positive and finite"),
+        ("learning_rate", math.nan, "learning_rate must be positive and finite"),
+        ("learning_rate", 0.0, "learning_rate must be positive and finite"),
+        ("weight_decay", math.inf, "weight_decay must be finite and at least 0"),
+        ("weight_decay", -1e-4, "weight_decay must be finite and at least 0"),
+        ("clip_norm", math.nan, "clip_norm must be finite and at least 0"),
+        ("clip_norm", -1.0, "clip_norm must be finite and at least 0"),
+        ("steps", 2.5, "steps must be a positive integer"),
+        ("warmup_steps", -1, "warmup_steps must be an integer of at least 0"),
+    ],
+)
+def test_train_config_refuses_non_finite_and_out_of_range_values(field, value, message):
+    config = TrainConfig(models=("mlp",), **{field: value})
+    with pytest.raises(ConfigError) as info:
+        config.check()
+    text = str(info.value)
+    assert message in text and f"got {value!r}" in text and f"e.g. {field}=" in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"learning_rate": "inf"}, "learning_rate='inf' is not valid; expected a finite number"),
+        ({"weight_decay": "nan"}, "weight_decay='nan' is not valid; expected a finite number"),
+        ({"clip_norm": "-1"}, "clip_norm must be finite and at least 0 (0: no clipping"),
+        ({"learning_rate": "0"}, "learning_rate must be positive and finite"),
+    ],
+)
+def test_a_non_finite_or_out_of_range_override_fails_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        _suite.plan(["depth"], overrides)
+    assert message in str(info.value)
