@@ -64,7 +64,12 @@ def plan(
         mine = {k: v for k, v in overrides.items() if k in field_names(config)}
         unused -= set(mine)
         try:
+            evaluations = config.steps // config.eval_every
             config = apply_overrides(config, mine)
+            if "steps" in mine and "eval_every" not in mine:
+                config = dataclasses.replace(
+                    config, eval_every=_eval_every(config.steps, evaluations)
+                )
             if hasattr(config, "check"):
                 config.check()
             explicit = set(mine) | (set(experiment.quick) if quick else set())
@@ -89,6 +94,14 @@ def plan(
             f"valid fields: {', '.join(valid)}"
         )
     return plans
+
+
+def _eval_every(steps: int, evaluations: int) -> int:
+    """The interval that divides ``steps`` into the number of evaluations nearest
+    ``evaluations`` (the fewer on a tie), so a run with fewer or more steps keeps
+    the learning curve's resolution and still evaluates on its last step."""
+    divisors = [d for d in range(1, steps + 1) if steps % d == 0]
+    return min(divisors, key=lambda d: (abs(steps // d - evaluations), -d))
 
 
 def _record_path(out: pathlib.Path, name: str, run: Run) -> pathlib.Path:

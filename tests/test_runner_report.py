@@ -10,6 +10,33 @@ import pytest
 from experiments import _suite
 from experiments._config import ConfigError, TrainConfig
 
+# --- eval_every follows steps -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "steps", "eval_every"),
+    [
+        ("architectures", 100, 4),  # 6000 / 250: 24 evaluations; 25 is the nearest
+        ("architectures", 1000, 40),
+        ("depth", 1000, 250),  # 2000 / 500: four evaluations, kept
+        ("depth", 7, 7),  # a prime: the last step only
+        ("shapes", 30, 5),  # 1500 / 250: six
+    ],
+)
+def test_eval_every_follows_steps_when_only_steps_is_given(name, steps, eval_every):
+    overrides = {"steps": str(steps), "models": "mlp" if name != "shapes" else "cnn"}
+    (p,) = _suite.plan([name], overrides)
+    assert p.config.eval_every == eval_every
+    assert {(r.settings.steps, r.settings.eval_every) for r in p.runs} == {(steps, eval_every)}
+
+
+def test_an_explicit_eval_every_is_kept_and_must_divide_steps():
+    (p,) = _suite.plan(["depth"], {"steps": "100", "eval_every": "50"})
+    assert p.config.eval_every == 50
+    with pytest.raises(ConfigError, match=r"eval_every \(30\) must divide steps \(100\)"):
+        _suite.plan(["depth"], {"steps": "100", "eval_every": "30"})
+
+
 # --- TrainConfig refuses values no run could use ----------------------------------------
 
 
