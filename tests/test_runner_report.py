@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from experiments import _suite
+from experiments import _cli, _suite
 from experiments._config import ConfigError, TrainConfig
 
 # --- eval_every follows steps -----------------------------------------------------------
@@ -35,6 +35,44 @@ def test_an_explicit_eval_every_is_kept_and_must_divide_steps():
     assert p.config.eval_every == 50
     with pytest.raises(ConfigError, match=r"eval_every \(30\) must divide steps \(100\)"):
         _suite.plan(["depth"], {"steps": "100", "eval_every": "30"})
+
+
+# --- the command line: no abbreviations, no bare fields, suggestions -------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "depth", "--quick", "--seed", "2"], "option --seed; did you mean --seeds?"),
+        (["report", "--qui"], "did you mean --quick?"),
+        (["run", "depth", "--quick", "--ou", "x"], "did you mean --out?"),
+    ],
+)  # fmt: skip
+def test_an_abbreviated_option_is_an_error_that_names_the_option(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        _cli.main(args)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (["depth", "steps", "100"], "'steps' is a field, not an experiment; write steps=100"),
+        (["steps", "100", "depth"], "write steps=100"),
+        (["depth", "steps"], "write steps=VALUE"),
+        (["deph"], "unknown experiment 'deph'; valid: architectures"),
+        (["deph"], "did you mean depth?"),
+        (["architecture", "depth"], "did you mean architectures?"),
+    ],
+)
+def test_a_field_without_equals_or_a_misspelt_name_fails_before_training(
+    items, message, capsys, tmp_path
+):
+    assert _cli.main(["run", *items, "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not any(tmp_path.iterdir())
 
 
 # --- TrainConfig refuses values no run could use ----------------------------------------
