@@ -134,14 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or pathlib.Path("results/quick" if args.quick else "results")
     try:
         names, overrides = _split(args.items)
-        plans = _suite.plan(names, overrides, seeds=args.seeds, quick=args.quick)
+        if args.command == "report":
+            lines = _suite.report(out, names, overrides, seeds=args.seeds, quick=args.quick)
+        else:
+            plans = _suite.plan(names, overrides, seeds=args.seeds, quick=args.quick)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.command == "report":
-        for p in plans:
-            print(_suite.write_reports(p, out))
-        _suite.write_index(out)
+        print("\n".join(lines))
         return 0
     from fnnet import distributed
 

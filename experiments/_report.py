@@ -49,6 +49,12 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict]) -> None:
     os.replace(tmp, path)
 
 
+def count_rows(path: pathlib.Path) -> int:
+    """The number of rows (not counting the header) of a CSV file."""
+    with open(path, newline="") as f:
+        return sum(1 for _ in csv.DictReader(f))
+
+
 def _cell(value: Any) -> Any:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.6g}"

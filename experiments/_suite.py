@@ -30,10 +30,21 @@ from experiments._train import train_classical, train_fnnet
 
 @dataclasses.dataclass
 class Plan:
+    """One experiment's resolved configuration and runs.
+
+    Attributes:
+      overrides: the command line's ``{field: text}`` for this experiment (with
+        ``--seeds`` as ``seeds``), kept in every record so ``report`` can plan again
+        at the settings the records were made with.
+      quick: whether ``--quick`` applied.
+    """
+
     experiment: Experiment
     config: Any
     runs: list[Run]
     command: str
+    overrides: dict[str, str] = dataclasses.field(default_factory=dict)
+    quick: bool = False
 
 
 def plan(
@@ -86,7 +97,7 @@ def plan(
         words = ["python -m experiments run", name, *(f"{k}={v}" for k, v in mine.items())]
         if quick:
             words.append("--quick")
-        plans.append(Plan(experiment, config, runs, " ".join(words)))
+        plans.append(Plan(experiment, config, runs, " ".join(words), mine, quick))
     if unused:
         valid = sorted({f for p in plans for f in field_names(p.config)})
         raise ConfigError(
@@ -186,6 +197,7 @@ def execute(
                     "labels": run.labels,
                     "settings": to_json(run.settings),
                     "task": task.name,
+                    "plan": {"overrides": p.overrides, "quick": p.quick},
                     "rows": rows,
                     "curves": curves,
                     "wall_seconds": round(time.perf_counter() - start, 3),
@@ -202,6 +214,74 @@ def execute(
         bar.close()
     if primary:
         write_index(out)
+
+
+def _recorded(out: pathlib.Path, name: str) -> tuple[dict[str, str], bool] | None:
+    """The overrides and ``--quick`` of the newest finished record under
+    ``OUT/NAME/runs/`` (records from before they kept them: the defaults), or None
+    when there is none."""
+    newest = None
+    for path in sorted((out / name / "runs").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if newest is None or record.get("finished", "") > newest.get("finished", ""):
+            newest = record
+    if newest is None:
+        return None
+    recorded = newest.get("plan", {})
+    return dict(recorded.get("overrides", {})), bool(recorded.get("quick", False))
+
+
+def report(
+    out: pathlib.Path,
+    names: list[str],
+    overrides: dict[str, str],
+    *,
+    seeds: int | None = None,
+    quick: bool = False,
+) -> list[str]:
+    """Rebuilds summaries, tables and plots from the records under ``out``.
+
+    With no overrides, ``--seeds`` or ``--quick``, each experiment is planned again at
+    the settings its newest record was made with; with them, at those settings. An
+    experiment with no finished run gets nothing written, and a ``results.csv`` (and
+    its summary) is never replaced by one with fewer rows.
+
+    Returns:
+      a line per experiment saying what was written, or why nothing was.
+
+    Raises:
+      ConfigError: as :func:`plan`, before anything is written.
+    """
+    chosen = resolve_names(names, discover())
+    if overrides or seeds is not None or quick:
+        plans = plan(chosen, overrides, seeds=seeds, quick=quick)
+    else:
+        plans = []
+        for name in chosen:
+            recorded = _recorded(out, name)
+            if recorded is not None:
+                plans += plan([name], recorded[0], quick=recorded[1])
+    lines = [f"{out / name}: no finished runs; nothing written" for name in chosen]
+    for p in plans:
+        directory = out / p.experiment.name
+        found = sum(len(r["rows"]) for r in records(p, out))
+        table = directory / "results.csv"
+        kept = _report.count_rows(table) if table.exists() else 0
+        if found == 0:
+            line = f"{directory}: nothing written; no finished run matches `{p.command}`"
+        elif found < kept:
+            line = (
+                f"{directory}: kept as it is; its results.csv has {kept} rows, "
+                f"`{p.command}` finds {found}"
+            )
+        else:
+            line = str(write_reports(p, out))
+        lines[chosen.index(p.experiment.name)] = line
+    write_index(out)
+    return lines
 
 
 def records(p: Plan, out: pathlib.Path) -> list[dict]:
@@ -225,6 +305,8 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
         "config": to_json(p.config),
         "runs": {r["key"]: {"settings": r["settings"], "task": r["task"]} for r in recs},
         "command": p.command,
+        "overrides": p.overrides,
+        "quick": p.quick,
     }
     _report.write_atomic(directory / "config.json", json.dumps(config, indent=1))
     env = _report.environment()
@@ -318,13 +400,15 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
 
 
 def write_index(out: pathlib.Path) -> None:
-    """``OUT/README.md``: every experiment with a summary, its question and files."""
+    """``OUT/README.md``: every experiment with a summary, its question and files
+    (none written while no experiment has a summary)."""
     known = discover()
+    written = [name for name in known if (out / name / "summary.md").exists()]
+    if not written:
+        return
     lines = ["# Results", "", "Written by `python -m experiments`; one folder per experiment.", ""]
-    for name, e in known.items():
-        summary = out / name / "summary.md"
-        if not summary.exists():
-            continue
+    for name in written:
+        e, summary = known[name], out / name / "summary.md"
         when = datetime.datetime.fromtimestamp(summary.stat().st_mtime, datetime.UTC)
         files = sorted(p.name for p in (out / name).iterdir() if p.is_file())
         lines += [

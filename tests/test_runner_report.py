@@ -3,12 +3,63 @@ rebuilds from the records that exist, its plots, and the mistakes it stops first
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from experiments import _cli, _suite
 from experiments._config import ConfigError, TrainConfig
+from experiments._experiment import discover
+
+# One quick run shared by the tests below: --quick, then steps=20 on top of it, so
+# eval_every must follow (quick's 40 steps / 20 is two evaluations: 20 / 10 keeps two).
+QUICK = ["run", "architectures", "--quick", "steps=20", "models=linear,cnn", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runner")
+    assert _cli.main([*QUICK, "--out", str(out)]) == 0
+    return out
+
+
+def _results_section(summary: str) -> str:
+    return summary[summary.index("## Results") : summary.index("## Plots")]
+
+
+# --- report rebuilds from the records there are --------------------------------------
+
+
+def test_report_with_no_arguments_keeps_the_settings_the_records_were_made_with(quick_run):
+    directory = quick_run / "architectures"
+    table = (directory / "results.csv").read_text()
+    summary = (directory / "summary.md").read_text()
+    assert _cli.main(["report", "--out", str(quick_run)]) == 0
+    assert (directory / "results.csv").read_text() == table
+    rebuilt = (directory / "summary.md").read_text()
+    assert _results_section(rebuilt) == _results_section(summary)
+    assert "| linear |" in rebuilt and "| cnn |" in rebuilt
+    assert "`python -m experiments run architectures steps=20 models=linear,cnn --quick`" in rebuilt
+    for name in discover():  # nothing is made for experiments that never ran
+        assert (quick_run / name).exists() == (name == "architectures"), name
+
+
+def test_report_at_settings_nothing_ran_at_leaves_the_summary_alone(quick_run, capsys):
+    directory = quick_run / "architectures"
+    before = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+    args = ["report", "architectures", "models=linear,cnn", "steps=30", "--out", str(quick_run)]
+    assert _cli.main(args) == 0
+    assert "nothing written" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()} == before
+
+
+def test_report_makes_no_folder_or_file_for_what_never_ran(tmp_path):
+    assert _cli.main(["report", "--out", str(tmp_path / "none")]) == 0
+    assert not (tmp_path / "none").exists()
+    assert _cli.main(["report", "depth", "--out", str(tmp_path)]) == 0
+    assert not any(tmp_path.iterdir())
+
 
 # --- eval_every follows steps -----------------------------------------------------------
 
@@ -28,6 +79,11 @@ def test_eval_every_follows_steps_when_only_steps_is_given(name, steps, eval_eve
     (p,) = _suite.plan([name], overrides)
     assert p.config.eval_every == eval_every
     assert {(r.settings.steps, r.settings.eval_every) for r in p.runs} == {(steps, eval_every)}
+
+
+def test_eval_every_of_a_quick_run_follows_its_steps(quick_run):
+    config = json.loads((quick_run / "architectures" / "config.json").read_text())["config"]
+    assert (config["steps"], config["eval_every"]) == (20, 10)
 
 
 def test_an_explicit_eval_every_is_kept_and_must_divide_steps():
