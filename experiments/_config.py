@@ -183,6 +183,17 @@ def apply_overrides(config: Any, overrides: dict[str, str]) -> Any:
     return dataclasses.replace(config, **changes)
 
 
+def changes(config: Any, default: Any, *, ignore: tuple[str, ...] = ("models", "seeds")):
+    """``{field: (value, default value)}`` for each field of ``config`` that differs
+    from ``default``'s, except ``ignore``: by default the choice of models and how
+    many seeds, which change what is run, not how each model is trained."""
+    return {
+        name: (getattr(config, name), getattr(default, name))
+        for name in field_names(config)
+        if name not in ignore and getattr(config, name) != getattr(default, name)
+    }
+
+
 def to_json(config: Any) -> dict[str, Any]:
     """The configuration as JSON-able values (tuples become lists)."""
     return {

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import _report
-from experiments._config import ConfigError, apply_overrides, field_names, to_json
+from experiments._config import ConfigError, apply_overrides, changes, field_names, to_json
 from experiments._experiment import Experiment, Run, discover, resolve_names
 from experiments._models import MODELS
 from experiments._train import train_classical, train_fnnet
@@ -364,7 +364,10 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
         if any(c in r for r in rows)
     ]
     percent = {c for c, _ in metric_columns if c.endswith("accuracy")}
+    departures = changes(p.config, e.config)
     parts = [f"# {e.title}", "", f"**Question.** {e.question}", ""]
+    if departures:
+        parts += [_departure_note(p, departures), ""]
     if rows:
         parts += ["**Answer.** " + e.answer(p.config, rows), ""]
     if missing:
@@ -380,7 +383,7 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
         _report.summary_table(rows, ["model", *labels], metric_columns, percent=percent),
         "",
     ]
-    if e.reference:
+    if e.reference and not departures:  # published numbers only beside the same setting
         parts += ["## Reference", "", e.reference, ""]
     parts += ["## Plots", ""] + [f"![{n}]({n})" for n in plots] + [""]
     parts += [
@@ -397,6 +400,24 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
     ]
     _report.write_atomic(directory / "summary.md", "\n".join(parts))
     return directory / "summary.md"
+
+
+def _departure_note(p: Plan, departures: dict[str, tuple[Any, Any]]) -> str:
+    """The summary's warning that these runs are not at the experiment's own setting."""
+    e = p.experiment
+    setting = "the paper's setting" if e.reference else "the default setting"
+    changed = ", ".join(
+        f"{name}={_as_text(value)} (default {_as_text(default)})"
+        for name, (value, default) in departures.items()
+    )
+    if p.quick:
+        how = "by --quick and the command line" if p.overrides else "by --quick"
+    else:
+        how = "on the command line"
+    text = f"**Not {setting}.** Changed {how}: {changed}."
+    if e.reference:
+        text += " The numbers are therefore not compared with the published ones."
+    return text + f" `python -m experiments run {e.name}` trains at {setting}."
 
 
 def write_index(out: pathlib.Path) -> None:

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from experiments import _cli, _suite
+from experiments import _cli, _report, _suite
 from experiments._config import ConfigError, TrainConfig
 from experiments._experiment import discover
 
@@ -59,6 +59,57 @@ def test_report_makes_no_folder_or_file_for_what_never_ran(tmp_path):
     assert not (tmp_path / "none").exists()
     assert _cli.main(["report", "depth", "--out", str(tmp_path)]) == 0
     assert not any(tmp_path.iterdir())
+
+
+# --- a summary says when it is not at the paper's setting ------------------------------
+
+
+def test_a_quick_summary_says_it_is_not_the_papers_setting_and_does_not_compare(quick_run):
+    summary = (quick_run / "architectures" / "summary.md").read_text()
+    assert "**Not the paper's setting.**" in summary
+    assert "steps=20 (default 6000)" in summary and "eval_every=10 (default 250)" in summary
+    assert "## Reference" not in summary and "| paper |" not in summary
+    assert "published accuracies" not in summary
+
+
+def _fake_records(p: _suite.Plan, out) -> None:
+    """Finished records for every run of ``p``, as ``execute`` would leave them."""
+    for run in p.runs:
+        rows = [
+            {"model": run.model, **run.labels, "seed": seed, "status": "ok",
+             "test_accuracy": 0.5 + 0.01 * seed, "train_accuracy": 0.6, "params": 410,
+             "steps": run.settings.steps, "train_seconds": 1.0, "compile_seconds": 1.0}
+            for seed in range(2)
+        ]  # fmt: skip
+        curves = [
+            {"step": step, "seed": seed, "test_accuracy": 0.4, "test_loss": 1.0}
+            for step in range(run.settings.eval_every, run.settings.steps + 1, 1500)
+            for seed in range(2)
+        ]
+        record = {"key": run.key, "model": run.model, "labels": run.labels,
+                  "settings": {}, "task": "mnist1d", "rows": rows, "curves": curves,
+                  "finished": "2026-01-01T00:00:00+00:00"}  # fmt: skip
+        path = out / p.experiment.name / "runs" / f"{run.key}-{run.fingerprint()}.json"
+        _report.write_atomic(path, json.dumps(record))
+
+
+def test_a_run_at_the_papers_setting_still_compares_with_it(tmp_path):
+    (p,) = _suite.plan(["architectures"], {"models": "linear,cnn"})  # models: not a setting
+    _fake_records(p, tmp_path)
+    summary = _suite.write_reports(p, tmp_path).read_text()
+    assert "Not the paper's setting" not in summary
+    assert "## Reference" in summary and "| paper |" in summary
+    assert "Against the published accuracies, in points: linear +18.5, cnn -43.5." in summary
+
+
+def test_an_overridden_experiment_without_a_paper_says_it_is_not_the_default(tmp_path):
+    (p,) = _suite.plan(["depth"], {"depths": "1", "models": "mlp", "steps": "100"})
+    _fake_records(p, tmp_path)
+    summary = _suite.write_reports(p, tmp_path).read_text()
+    assert "**Not the default setting.** Changed on the command line: steps=100 (default " in (
+        summary
+    )
+    assert "depths=1 (default 1,2,4,8)" in summary
 
 
 # --- eval_every follows steps -----------------------------------------------------------
