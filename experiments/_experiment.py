@@ -90,8 +90,10 @@ class Experiment:
         the command line or by ``--quick``, which a model's own settings must not change.
       answer: ``answer(config, rows) -> markdown``: what the numbers say, and any
         extra tables, for the summary.
-      plots: ``plots(config, rows, curves, out_dir) -> [file names]`` beyond the
-        standard ones (learning curves, metric against parameters and time).
+      plots: ``plots(config, rows, curves, out_dir, *, styles) -> [file names]``
+        beyond the standard ones (learning curves, metric against parameters and
+        time); ``styles`` is the experiment's ``_report.style_map``, to pass to the
+        ``_report.plot_*`` functions so each model looks the same in every plot.
       reference: markdown for the summary's reference section (published numbers).
     """
 

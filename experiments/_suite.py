@@ -312,7 +312,13 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
     env = _report.environment()
     _report.write_atomic(directory / "env.json", json.dumps(env, indent=1))
 
-    labels = [k for k in (recs[0]["labels"] if recs else {})]
+    labels = list(p.runs[0].labels) if p.runs else []
+    # One colour and marker per model, then per model at a setting, from the planned
+    # runs, so every plot (and every later report) draws a run the same way.
+    styles = _report.style_map(
+        [run.model for run in p.runs]
+        + [_report.run_label({"model": run.model, **run.labels}, labels) for run in p.runs]
+    )
     headline = (
         "test_bits_per_char" if any("test_bits_per_char" in r for r in rows) else ("test_accuracy")
     )
@@ -325,6 +331,7 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
             labels=labels,
             title=f"{e.title}: learning curves (mean over seeds; band: min to max)",
             ylabel=what,
+            styles=styles,
         ),
         _report.plot_scatter(
             directory / "metric_vs_params.png",
@@ -335,6 +342,7 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
             title=f"{e.title}: {what} against size",
             xlabel="parameters (fitted numbers for scikit-learn models)",
             ylabel=what,
+            styles=styles,
         ),
         _report.plot_scatter(
             directory / "metric_vs_time.png",
@@ -345,10 +353,11 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
             title=f"{e.title}: {what} against training time",
             xlabel="training seconds (all seeds in one program, compile excluded)",
             ylabel=what,
+            styles=styles,
         ),
     ]
     if e.plots is not None and rows:
-        plots += e.plots(p.config, rows, curves, directory)
+        plots += e.plots(p.config, rows, curves, directory, styles=styles)
     plots = [name for name in plots if name]
 
     missing = len(p.runs) - len(recs)

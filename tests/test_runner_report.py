@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import math
 
+import matplotlib.colors
+import matplotlib.image
+import matplotlib.pyplot as plt
 import pytest
 
 from experiments import _cli, _report, _suite
@@ -142,6 +145,52 @@ def test_an_explicit_eval_every_is_kept_and_must_divide_steps():
     assert p.config.eval_every == 50
     with pytest.raises(ConfigError, match=r"eval_every \(30\) must divide steps \(100\)"):
         _suite.plan(["depth"], {"steps": "100", "eval_every": "30"})
+
+
+# --- plots: one colour and marker per model in every plot, error bars named ----------
+
+
+def test_the_style_map_gives_each_name_a_colour_and_marker_of_its_own():
+    names = [f"model{i}" for i in range(40)]
+    styles = _report.style_map(names + names[:3])
+    assert list(styles) == names
+    pairs = [(s.color, s.marker) for s in styles.values()]
+    assert len(set(pairs)) == len(names)
+    assert len({s.color for s in styles.values()}) == 10
+    assert _report.style_map(["cnn", "mlp"])["mlp"] == _report.style_map(["x", "mlp"])["mlp"]
+
+
+def test_every_plot_draws_a_model_alike_and_says_what_its_spread_is(quick_run, monkeypatch):
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # keep each figure to read back
+    try:
+        _suite.report(quick_run, ["architectures"], {})
+    finally:
+        monkeypatch.undo()
+    assert len(figures) == 3
+    drawn: dict[str, set] = {}
+    for fig in figures:
+        (ax,) = fig.axes
+        legend = ax.get_legend()
+        assert "over 2 seeds" in legend.get_title().get_text()
+        assert any(s in legend.get_title().get_text() for s in ("±1 std", "min to max"))
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            line = handle[0] if isinstance(handle, tuple) else handle  # an errorbar's data line
+            drawn.setdefault(label, set()).add(
+                (matplotlib.colors.to_hex(line.get_color()), line.get_marker())
+            )
+        close(fig)
+    assert set(drawn) == {"linear", "cnn"}
+    assert all(len(styles) == 1 for styles in drawn.values()), drawn
+    assert drawn["linear"] != drawn["cnn"]
+
+    for name in ("learning_curves.png", "metric_vs_params.png", "metric_vs_time.png"):
+        path = quick_run / "architectures" / name
+        assert path.stat().st_size > 0
+        pixels = matplotlib.image.imread(path)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 300
+        assert pixels[..., :3].std() > 0.05, f"{name} looks blank"
 
 
 # --- the command line: no abbreviations, no bare fields, suggestions -------------------
