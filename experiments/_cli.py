@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import pathlib
 import sys
 
 from experiments._config import ConfigError
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser and its commands' parsers. No parser accepts abbreviations: ``--seed 2``
+    is an error that suggests ``--seeds``, never a guess at what was meant."""
     parser = argparse.ArgumentParser(
         prog="python -m experiments",
         description="Train fnnet's architectures side by side and report what they do.",
+        allow_abbrev=False,
     )
     # What chooses the runs, shared by run and report (report finds the runs' records).
-    selection = argparse.ArgumentParser(add_help=False)
+    selection = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     selection.add_argument("items", nargs="*", metavar="NAME|FIELD=VALUE")
     selection.add_argument("--seeds", type=int, help="seeds per model (vmapped replicas)")
     selection.add_argument("--quick", action="store_true", help="tiny settings, same code paths")
     selection.add_argument("--out", type=pathlib.Path, help="output folder (default results/)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="the experiments, their fields, and the model registry")
+    commands.add_parser(
+        "list", help="the experiments, their fields, and the model registry", allow_abbrev=False
+    )
     run = commands.add_parser(
         "run",
         parents=[selection],
@@ -29,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run experiments. Arguments are experiment names (or all) and "
         "FIELD=VALUE overrides of their configuration, e.g. "
         "`python -m experiments run architectures steps=2000 models=mlp,cnn`.",
+        allow_abbrev=False,
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
@@ -62,9 +69,33 @@ def _parser() -> argparse.ArgumentParser:
         help="checkpoint an unfinished run at most this often (0: every evaluation)",
     )
     commands.add_parser(
-        "report", parents=[selection], help="rebuild summaries and plots from records"
+        "report",
+        parents=[selection],
+        help="rebuild summaries and plots from records",
+        allow_abbrev=False,
     )
-    return parser
+    return parser, dict(commands.choices)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments. Names and overrides after an option are still items (argparse
+    alone leaves ``steps=50`` of ``run depth --quick steps=50`` unrecognized); an
+    unknown option exits 2, naming the nearest known one."""
+    parser, commands = _parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        command = commands[args.command]
+        # argparse lists a parser's options only in its private _actions.
+        known = [o for action in command._actions for o in action.option_strings]
+        close = difflib.get_close_matches(unknown[0].partition("=")[0], known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        command.error(f"unrecognized option {unknown[0]}{hint}")
+    if extra and not hasattr(args, "items"):
+        parser.error(f"{args.command} takes no arguments, got {' '.join(extra)}")
+    if extra:
+        args.items = [*args.items, *extra]
+    return args
 
 
 def _split(items: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -94,7 +125,7 @@ def _mesh(spec: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     from experiments import _suite
 
     if args.command == "list":
@@ -103,14 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or pathlib.Path("results/quick" if args.quick else "results")
     try:
         names, overrides = _split(args.items)
-        plans = _suite.plan(names, overrides, seeds=args.seeds, quick=args.quick)
+        if args.command == "report":
+            lines = _suite.report(out, names, overrides, seeds=args.seeds, quick=args.quick)
+        else:
+            plans = _suite.plan(names, overrides, seeds=args.seeds, quick=args.quick)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.command == "report":
-        for p in plans:
-            print(_suite.write_reports(p, out))
-        _suite.write_index(out)
+        print("\n".join(lines))
         return 0
     from fnnet import distributed
 

@@ -11,12 +11,46 @@ field and says what would be valid, before any training starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal
 
 Optimizer = Literal["adam", "adamw", "sgd"]
 Schedule = Literal["constant", "cosine"]
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return (_whole(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+# What each numeric field of TrainConfig accepts: a test, and the rule as errors say it.
+_RULES = {
+    "seeds": (lambda v: _whole(v) and v >= 1, "a positive integer (e.g. seeds=3)"),
+    "steps": (lambda v: _whole(v) and v >= 1, "a positive integer (e.g. steps=1000)"),
+    "batch_size": (lambda v: _whole(v) and v >= 1, "a positive integer (e.g. batch_size=100)"),
+    "eval_every": (lambda v: _whole(v) and v >= 1, "a positive integer (e.g. eval_every=250)"),
+    "warmup_steps": (
+        lambda v: _whole(v) and v >= 0,
+        "an integer of at least 0 (0: none; e.g. warmup_steps=100)",
+    ),
+    "learning_rate": (
+        lambda v: _finite(v) and v > 0,
+        "positive and finite (e.g. learning_rate=1e-3)",
+    ),
+    "weight_decay": (
+        lambda v: _finite(v) and v >= 0,
+        "finite and at least 0 (0: none; e.g. weight_decay=1e-4)",
+    ),
+    "clip_norm": (
+        lambda v: _finite(v) and v >= 0,
+        "finite and at least 0 (0: no clipping; e.g. clip_norm=1.0)",
+    ),
+}
 
 
 class ConfigError(ValueError):
@@ -58,14 +92,10 @@ class TrainConfig:
 
     def check(self) -> None:
         """Raises :class:`ConfigError` for values no run could use."""
-        for name in ("seeds", "steps", "batch_size", "eval_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "clip_norm"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        for name, (fits, rule) in _RULES.items():
+            value = getattr(self, name)
+            if not fits(value):
+                raise ConfigError(f"{name} must be {rule}, got {value!r}")
         if self.steps % self.eval_every:
             raise ConfigError(
                 f"eval_every ({self.eval_every}) must divide steps ({self.steps}), so the "
@@ -123,6 +153,8 @@ def _parse(name: str, text: str, kind: Any) -> Any:
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise ConfigError(f"{name}={text!r} is not valid; expected {what}") from None
+        if not math.isfinite(value):  # float() reads inf and nan; no field wants them
+            raise ConfigError(f"{name}={text!r} is not valid; expected a finite number")
         return value
     if kind is str:
         return text
@@ -149,6 +181,17 @@ def apply_overrides(config: Any, overrides: dict[str, str]) -> Any:
             )
         changes[name] = _parse(name, text, hints[name])
     return dataclasses.replace(config, **changes)
+
+
+def changes(config: Any, default: Any, *, ignore: tuple[str, ...] = ("models", "seeds")):
+    """``{field: (value, default value)}`` for each field of ``config`` that differs
+    from ``default``'s, except ``ignore``: by default the choice of models and how
+    many seeds, which change what is run, not how each model is trained."""
+    return {
+        name: (getattr(config, name), getattr(default, name))
+        for name in field_names(config)
+        if name not in ignore and getattr(config, name) != getattr(default, name)
+    }
 
 
 def to_json(config: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ are found by listing the package, so adding an experiment is adding a file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import importlib
@@ -15,7 +16,7 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
-from experiments._config import ConfigError, TrainConfig, to_json
+from experiments._config import ConfigError, TrainConfig, field_names, to_json
 from experiments._tasks import Task
 
 
@@ -89,8 +90,10 @@ class Experiment:
         the command line or by ``--quick``, which a model's own settings must not change.
       answer: ``answer(config, rows) -> markdown``: what the numbers say, and any
         extra tables, for the summary.
-      plots: ``plots(config, rows, curves, out_dir) -> [file names]`` beyond the
-        standard ones (learning curves, metric against parameters and time).
+      plots: ``plots(config, rows, curves, out_dir, *, styles) -> [file names]``
+        beyond the standard ones (learning curves, metric against parameters and
+        time); ``styles`` is the experiment's ``_report.style_map``, to pass to the
+        ``_report.plot_*`` functions so each model looks the same in every plot.
       reference: markdown for the summary's reference section (published numbers).
     """
 
@@ -126,14 +129,30 @@ def discover() -> dict[str, Experiment]:
 
 
 def resolve_names(requested: list[str], known: dict[str, Experiment]) -> list[str]:
-    """Experiment names in suite order; ``all`` (or nothing) means every one."""
+    """Experiment names in suite order; ``all`` (or nothing) means every one.
+
+    Raises:
+      ConfigError: a name no experiment has (with the nearest ones), or a field name
+        given without ``=`` (``steps 100``, which the message rewrites as ``steps=100``).
+    """
     if not requested or requested == ["all"]:
         return list(known)
+    fields = {f for e in known.values() for f in field_names(e.config)}
+    for i, name in enumerate(requested):
+        if name in fields and name not in known:
+            value = requested[i + 1] if i + 1 < len(requested) else "VALUE"
+            value = "VALUE" if value in known or value in fields else value
+            raise ConfigError(
+                f"{name!r} is a field, not an experiment; write {name}={value} "
+                "(FIELD=VALUE, no spaces)"
+            )
     unknown = [n for n in requested if n not in known]
     if unknown:
+        close = difflib.get_close_matches(unknown[0], [*known, "all"], n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise ConfigError(
             f"unknown experiment {', '.join(map(repr, unknown))}; valid: "
-            f"{', '.join(known)} (or all)"
+            f"{', '.join(known)} (or all){hint}"
         )
     return [n for n in known if n in requested]
 

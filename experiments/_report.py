@@ -7,6 +7,7 @@ experiments report`` can rebuild every summary and plot without training.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import math
 import os
@@ -47,6 +48,12 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict]) -> None:
         for row in rows:
             writer.writerow({k: _cell(row.get(k)) for k in columns})
     os.replace(tmp, path)
+
+
+def count_rows(path: pathlib.Path) -> int:
+    """The number of rows (not counting the header) of a CSV file."""
+    with open(path, newline="") as f:
+        return sum(1 for _ in csv.DictReader(f))
 
 
 def _cell(value: Any) -> Any:
@@ -176,6 +183,35 @@ def mean_of(rows: Sequence[dict], column: str, **where: Any) -> float:
 
 # --- Plots ---------------------------------------------------------------------------
 
+# Matplotlib's ten default colours (C0 to C9) and nine markers: as 10 and 9 share no
+# factor, each of the first 90 names gets a pair of its own.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """How one model, or one model at one setting, is drawn."""
+
+    color: str
+    marker: str
+
+
+def style_map(names: Iterable[str]) -> dict[str, Style]:
+    """A colour and a marker of its own for each name, in order of first appearance.
+
+    An experiment's plots all draw from one such map (``write_reports`` makes it from
+    the planned runs), so a model looks the same in every plot of its experiment.
+    """
+    unique = list(dict.fromkeys(names))
+    return {name: Style(f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, name in enumerate(unique)}
+
+
+def _seeds(counts: Iterable[int]) -> str:
+    """``3 seeds``, or ``2 to 3 seeds`` when runs finished different numbers."""
+    counts = list(counts)
+    low, high = min(counts), max(counts)
+    return f"{low if low == high else f'{low} to {high}'} seed{'s' if high != 1 else ''}"
+
 
 def _pyplot():
     import matplotlib
@@ -184,6 +220,18 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _legend(ax, title: str) -> None:
+    """The legend beside the axes; its title says what the spread drawn is."""
+    ax.legend(
+        title=title,
+        title_fontsize=7,
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+    )
 
 
 def _finish(plt, fig, ax, path: pathlib.Path, xlabel: str, ylabel: str, title: str) -> str:
@@ -211,37 +259,44 @@ def plot_curves(
     labels: Sequence[str] = (),
     title: str,
     ylabel: str,
+    styles: dict[str, Style] | None = None,
 ) -> str | None:
-    """Mean over seeds of ``column`` against the step, one line per run, min-max band."""
+    """Mean over seeds of ``column`` against the step, one line per run, min-max band.
+
+    Args:
+      styles: the experiment's :func:`style_map` (default: one for these runs alone).
+    """
     chosen = [c for c in curves if column in c]
     if not chosen:
         return None
+    runs = [
+        (run_label(members[0], labels), members)
+        for _, members in groups(chosen, ["model", *labels])
+    ]
+    styles = styles or style_map(name for name, _ in runs)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.8))
-    # One colour per model; runs of the same model differ in line style and marker.
-    models = list(dict.fromkeys(c["model"] for c in chosen))
-    styles = ["-", "--", ":", "-."]
-    markers = ["o", "s", "^", "v", "D", "x"]
-    seen: dict[str, int] = {}
-    for _, members in groups(chosen, ["model", *labels]):
-        model = members[0]["model"]
-        k = seen[model] = seen.get(model, -1) + 1
-        color = plt.cm.tab10(models.index(model) % 10)
+    seeds = []
+    for name, members in runs:
+        style = styles[name]
         steps = sorted({m["step"] for m in members})
         values = np.array(
             [[m[column] for m in members if m["step"] == s] for s in steps], dtype=float
-        )
+        )  # (steps, seeds)
+        seeds.append(len({m.get("seed") for m in members}))
         ax.plot(
             steps,
             np.nanmean(values, axis=1),
-            linestyle=styles[k % len(styles)],
-            marker=markers[(k // len(styles)) % len(markers)] if len(steps) < 30 else None,
-            markersize=3,
-            color=color,
-            label=run_label(members[0], labels),
+            color=style.color,
+            marker=style.marker,
+            markevery=max(1, len(steps) // 12),  # a marker to tell runs apart, not every point
+            markersize=4,
+            label=name,
         )
-        ax.fill_between(steps, np.nanmin(values, 1), np.nanmax(values, 1), alpha=0.15, color=color)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.fill_between(
+            steps, np.nanmin(values, 1), np.nanmax(values, 1), alpha=0.15, color=style.color
+        )
+    _legend(ax, f"line: mean; band: min to max\nover {_seeds(seeds)}")
     return _finish(plt, fig, ax, path, "training step", ylabel, title)
 
 
@@ -256,22 +311,31 @@ def plot_scatter(
     xlabel: str,
     ylabel: str,
     logx: bool = True,
+    styles: dict[str, Style] | None = None,
 ) -> str | None:
-    """Mean ``y`` against mean ``x`` per run (error bars: std over seeds), annotated."""
+    """Mean ``y`` against mean ``x`` per run, error bars ±1 std over seeds.
+
+    Args:
+      styles: the experiment's :func:`style_map` (default: one for these runs alone).
+    """
     ok = _ok(rows)
     points = []
     for _, members in groups(ok, ["model", *labels]):
         xs = mean_std([m.get(x) for m in members])
         ys = mean_std([m.get(y) for m in members])
         if not (math.isnan(xs[0]) or math.isnan(ys[0])):
-            points.append((xs, ys, run_label(members[0], labels)))
+            points.append((xs, ys, run_label(members[0], labels), len(members)))
     if not points:
         return None
+    styles = styles or style_map(name for *_, name, _ in points)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (mx, sx), (my, sy), name in points:
-        ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt="o", capsize=3)
-        ax.annotate(name, (mx, my), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for (mx, sx), (my, sy), name, _ in points:
+        style = styles[name]
+        ax.errorbar(
+            mx, my, xerr=sx, yerr=sy, fmt=style.marker, color=style.color, capsize=3, label=name
+        )
+    _legend(ax, f"error bars: ±1 std\nover {_seeds(n for *_, n in points)}")
     if logx:
         ax.set_xscale("log")
     return _finish(plt, fig, ax, path, xlabel, ylabel, title)
@@ -289,26 +353,43 @@ def plot_lines(
     ylabel: str,
     logx: bool = False,
     hline: tuple[float, str] | None = None,
+    styles: dict[str, Style] | None = None,
 ) -> str | None:
     """Mean ± std of each ``(column, style-label)`` in ``ys`` against ``x``, a line per
-    value of ``by`` (``x`` is a label column such as depth or sequence length)."""
+    value of ``by`` (``x`` is a label column such as depth or sequence length).
+
+    A value of ``by`` keeps its colour and marker on every line; the columns differ
+    in line style (solid, dashed, dotted) and in hollow markers after the first.
+
+    Args:
+      styles: the experiment's :func:`style_map` (default: one for these values alone).
+    """
     ok = _ok(rows)
     if not ok:
         return None
+    lines = groups(ok, [by])
+    styles = styles or style_map(str(name) for (name,), _ in lines)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = ["-o", "--s", ":^"]
-    for (name,), members in groups(ok, [by]):
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    seeds = []
+    for (name,), members in lines:
+        style = styles[str(name)]
         xs = sorted({m[x] for m in members})
-        color = None
-        for (column, what), style in zip(ys, styles):
+        seeds += [sum(m[x] == v for m in members) for v in xs]
+        for i, ((column, what), linestyle) in enumerate(zip(ys, ("-", "--", ":"))):
             stats = [mean_std([m.get(column) for m in members if m[x] == v]) for v in xs]
             means = np.array([s[0] for s in stats])
             stds = np.array([s[1] for s in stats])
-            label = f"{name} {what}".strip()
-            (line,) = ax.plot(xs, means, style, label=label, color=color)
-            color = line.get_color()
-            ax.fill_between(xs, means - stds, means + stds, alpha=0.15, color=color)
+            ax.plot(
+                xs,
+                means,
+                linestyle=linestyle,
+                marker=style.marker,
+                color=style.color,
+                markerfacecolor=style.color if i == 0 else "white",
+                label=f"{name} {what}".strip(),
+            )
+            ax.fill_between(xs, means - stds, means + stds, alpha=0.15, color=style.color)
     if hline is not None:
         ax.axhline(hline[0], color="gray", linestyle=":", label=hline[1])
     if logx:
@@ -316,5 +397,5 @@ def plot_lines(
     ticks = sorted({m[x] for m in ok})
     ax.set_xticks(ticks, [f"{t:,}" for t in ticks])  # the values run, not 10^k
     ax.minorticks_off()
-    ax.legend(fontsize=8)
+    _legend(ax, f"line: mean; band: ±1 std\nover {_seeds(seeds)}")
     return _finish(plt, fig, ax, path, xlabel, ylabel, title)

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import _report
-from experiments._config import ConfigError, apply_overrides, field_names, to_json
+from experiments._config import ConfigError, apply_overrides, changes, field_names, to_json
 from experiments._experiment import Experiment, Run, discover, resolve_names
 from experiments._models import MODELS
 from experiments._train import train_classical, train_fnnet
@@ -30,10 +30,21 @@ from experiments._train import train_classical, train_fnnet
 
 @dataclasses.dataclass
 class Plan:
+    """One experiment's resolved configuration and runs.
+
+    Attributes:
+      overrides: the command line's ``{field: text}`` for this experiment (with
+        ``--seeds`` as ``seeds``), kept in every record so ``report`` can plan again
+        at the settings the records were made with.
+      quick: whether ``--quick`` applied.
+    """
+
     experiment: Experiment
     config: Any
     runs: list[Run]
     command: str
+    overrides: dict[str, str] = dataclasses.field(default_factory=dict)
+    quick: bool = False
 
 
 def plan(
@@ -64,7 +75,12 @@ def plan(
         mine = {k: v for k, v in overrides.items() if k in field_names(config)}
         unused -= set(mine)
         try:
+            evaluations = config.steps // config.eval_every
             config = apply_overrides(config, mine)
+            if "steps" in mine and "eval_every" not in mine:
+                config = dataclasses.replace(
+                    config, eval_every=_eval_every(config.steps, evaluations)
+                )
             if hasattr(config, "check"):
                 config.check()
             explicit = set(mine) | (set(experiment.quick) if quick else set())
@@ -81,7 +97,7 @@ def plan(
         words = ["python -m experiments run", name, *(f"{k}={v}" for k, v in mine.items())]
         if quick:
             words.append("--quick")
-        plans.append(Plan(experiment, config, runs, " ".join(words)))
+        plans.append(Plan(experiment, config, runs, " ".join(words), mine, quick))
     if unused:
         valid = sorted({f for p in plans for f in field_names(p.config)})
         raise ConfigError(
@@ -89,6 +105,14 @@ def plan(
             f"valid fields: {', '.join(valid)}"
         )
     return plans
+
+
+def _eval_every(steps: int, evaluations: int) -> int:
+    """The interval that divides ``steps`` into the number of evaluations nearest
+    ``evaluations`` (the fewer on a tie), so a run with fewer or more steps keeps
+    the learning curve's resolution and still evaluates on its last step."""
+    divisors = [d for d in range(1, steps + 1) if steps % d == 0]
+    return min(divisors, key=lambda d: (abs(steps // d - evaluations), -d))
 
 
 def _record_path(out: pathlib.Path, name: str, run: Run) -> pathlib.Path:
@@ -173,6 +197,7 @@ def execute(
                     "labels": run.labels,
                     "settings": to_json(run.settings),
                     "task": task.name,
+                    "plan": {"overrides": p.overrides, "quick": p.quick},
                     "rows": rows,
                     "curves": curves,
                     "wall_seconds": round(time.perf_counter() - start, 3),
@@ -189,6 +214,74 @@ def execute(
         bar.close()
     if primary:
         write_index(out)
+
+
+def _recorded(out: pathlib.Path, name: str) -> tuple[dict[str, str], bool] | None:
+    """The overrides and ``--quick`` of the newest finished record under
+    ``OUT/NAME/runs/`` (records from before they kept them: the defaults), or None
+    when there is none."""
+    newest = None
+    for path in sorted((out / name / "runs").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if newest is None or record.get("finished", "") > newest.get("finished", ""):
+            newest = record
+    if newest is None:
+        return None
+    recorded = newest.get("plan", {})
+    return dict(recorded.get("overrides", {})), bool(recorded.get("quick", False))
+
+
+def report(
+    out: pathlib.Path,
+    names: list[str],
+    overrides: dict[str, str],
+    *,
+    seeds: int | None = None,
+    quick: bool = False,
+) -> list[str]:
+    """Rebuilds summaries, tables and plots from the records under ``out``.
+
+    With no overrides, ``--seeds`` or ``--quick``, each experiment is planned again at
+    the settings its newest record was made with; with them, at those settings. An
+    experiment with no finished run gets nothing written, and a ``results.csv`` (and
+    its summary) is never replaced by one with fewer rows.
+
+    Returns:
+      a line per experiment saying what was written, or why nothing was.
+
+    Raises:
+      ConfigError: as :func:`plan`, before anything is written.
+    """
+    chosen = resolve_names(names, discover())
+    if overrides or seeds is not None or quick:
+        plans = plan(chosen, overrides, seeds=seeds, quick=quick)
+    else:
+        plans = []
+        for name in chosen:
+            recorded = _recorded(out, name)
+            if recorded is not None:
+                plans += plan([name], recorded[0], quick=recorded[1])
+    lines = [f"{out / name}: no finished runs; nothing written" for name in chosen]
+    for p in plans:
+        directory = out / p.experiment.name
+        found = sum(len(r["rows"]) for r in records(p, out))
+        table = directory / "results.csv"
+        kept = _report.count_rows(table) if table.exists() else 0
+        if found == 0:
+            line = f"{directory}: nothing written; no finished run matches `{p.command}`"
+        elif found < kept:
+            line = (
+                f"{directory}: kept as it is; its results.csv has {kept} rows, "
+                f"`{p.command}` finds {found}"
+            )
+        else:
+            line = str(write_reports(p, out))
+        lines[chosen.index(p.experiment.name)] = line
+    write_index(out)
+    return lines
 
 
 def records(p: Plan, out: pathlib.Path) -> list[dict]:
@@ -212,12 +305,20 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
         "config": to_json(p.config),
         "runs": {r["key"]: {"settings": r["settings"], "task": r["task"]} for r in recs},
         "command": p.command,
+        "overrides": p.overrides,
+        "quick": p.quick,
     }
     _report.write_atomic(directory / "config.json", json.dumps(config, indent=1))
     env = _report.environment()
     _report.write_atomic(directory / "env.json", json.dumps(env, indent=1))
 
-    labels = [k for k in (recs[0]["labels"] if recs else {})]
+    labels = list(p.runs[0].labels) if p.runs else []
+    # One colour and marker per model, then per model at a setting, from the planned
+    # runs, so every plot (and every later report) draws a run the same way.
+    styles = _report.style_map(
+        [run.model for run in p.runs]
+        + [_report.run_label({"model": run.model, **run.labels}, labels) for run in p.runs]
+    )
     headline = (
         "test_bits_per_char" if any("test_bits_per_char" in r for r in rows) else ("test_accuracy")
     )
@@ -230,6 +331,7 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
             labels=labels,
             title=f"{e.title}: learning curves (mean over seeds; band: min to max)",
             ylabel=what,
+            styles=styles,
         ),
         _report.plot_scatter(
             directory / "metric_vs_params.png",
@@ -240,6 +342,7 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
             title=f"{e.title}: {what} against size",
             xlabel="parameters (fitted numbers for scikit-learn models)",
             ylabel=what,
+            styles=styles,
         ),
         _report.plot_scatter(
             directory / "metric_vs_time.png",
@@ -250,10 +353,11 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
             title=f"{e.title}: {what} against training time",
             xlabel="training seconds (all seeds in one program, compile excluded)",
             ylabel=what,
+            styles=styles,
         ),
     ]
     if e.plots is not None and rows:
-        plots += e.plots(p.config, rows, curves, directory)
+        plots += e.plots(p.config, rows, curves, directory, styles=styles)
     plots = [name for name in plots if name]
 
     missing = len(p.runs) - len(recs)
@@ -269,7 +373,10 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
         if any(c in r for r in rows)
     ]
     percent = {c for c, _ in metric_columns if c.endswith("accuracy")}
+    departures = changes(p.config, e.config)
     parts = [f"# {e.title}", "", f"**Question.** {e.question}", ""]
+    if departures:
+        parts += [_departure_note(p, departures), ""]
     if rows:
         parts += ["**Answer.** " + e.answer(p.config, rows), ""]
     if missing:
@@ -285,7 +392,7 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
         _report.summary_table(rows, ["model", *labels], metric_columns, percent=percent),
         "",
     ]
-    if e.reference:
+    if e.reference and not departures:  # published numbers only beside the same setting
         parts += ["## Reference", "", e.reference, ""]
     parts += ["## Plots", ""] + [f"![{n}]({n})" for n in plots] + [""]
     parts += [
@@ -304,14 +411,34 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
     return directory / "summary.md"
 
 
+def _departure_note(p: Plan, departures: dict[str, tuple[Any, Any]]) -> str:
+    """The summary's warning that these runs are not at the experiment's own setting."""
+    e = p.experiment
+    setting = "the paper's setting" if e.reference else "the default setting"
+    changed = ", ".join(
+        f"{name}={_as_text(value)} (default {_as_text(default)})"
+        for name, (value, default) in departures.items()
+    )
+    if p.quick:
+        how = "by --quick and the command line" if p.overrides else "by --quick"
+    else:
+        how = "on the command line"
+    text = f"**Not {setting}.** Changed {how}: {changed}."
+    if e.reference:
+        text += " The numbers are therefore not compared with the published ones."
+    return text + f" `python -m experiments run {e.name}` trains at {setting}."
+
+
 def write_index(out: pathlib.Path) -> None:
-    """``OUT/README.md``: every experiment with a summary, its question and files."""
+    """``OUT/README.md``: every experiment with a summary, its question and files
+    (none written while no experiment has a summary)."""
     known = discover()
+    written = [name for name in known if (out / name / "summary.md").exists()]
+    if not written:
+        return
     lines = ["# Results", "", "Written by `python -m experiments`; one folder per experiment.", ""]
-    for name, e in known.items():
-        summary = out / name / "summary.md"
-        if not summary.exists():
-            continue
+    for name in written:
+        e, summary = known[name], out / name / "summary.md"
         when = datetime.datetime.fromtimestamp(summary.stat().st_mtime, datetime.UTC)
         files = sorted(p.name for p in (out / name).iterdir() if p.is_file())
         lines += [

@@ -105,7 +105,9 @@ def answer(config: Config, rows: list[dict]) -> str:
     )
 
 
-def plots(config: Config, rows: list[dict], curves: list[dict], directory) -> list[str | None]:
+def plots(
+    config: Config, rows: list[dict], curves: list[dict], directory, *, styles
+) -> list[str | None]:
     return [
         _report.plot_lines(
             directory / "accuracy_vs_depth.png",
@@ -115,6 +117,7 @@ def plots(config: Config, rows: list[dict], curves: list[dict], directory) -> li
             title="Accuracy against depth on MNIST-1D (mean ± std over seeds)",
             xlabel="hidden layers (MLP) / convolutions (CNN)",
             ylabel="accuracy",
+            styles=styles,
         )
     ]
 

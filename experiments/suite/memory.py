@@ -80,7 +80,9 @@ def answer(config: Config, rows: list[dict]) -> str:
     )
 
 
-def plots(config: Config, rows: list[dict], curves: list[dict], directory) -> list[str | None]:
+def plots(
+    config: Config, rows: list[dict], curves: list[dict], directory, *, styles
+) -> list[str | None]:
     return [
         _report.plot_lines(
             directory / "accuracy_vs_length.png",
@@ -92,6 +94,7 @@ def plots(config: Config, rows: list[dict], curves: list[dict], directory) -> li
             ylabel="test accuracy",
             logx=True,
             hline=(1 / 8, "chance"),
+            styles=styles,
         )
     ]
 

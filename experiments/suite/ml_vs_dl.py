@@ -158,7 +158,9 @@ def answer(config: Config, rows: list[dict]) -> str:
     return text
 
 
-def plots(config: Config, rows: list[dict], curves: list[dict], directory) -> list[str | None]:
+def plots(
+    config: Config, rows: list[dict], curves: list[dict], directory, *, styles
+) -> list[str | None]:
     return [
         _report.plot_lines(
             directory / "accuracy_vs_train_size.png",
@@ -169,6 +171,7 @@ def plots(config: Config, rows: list[dict], curves: list[dict], directory) -> li
             xlabel="training signals",
             ylabel="test accuracy",
             logx=True,
+            styles=styles,
         )
     ]
 

@@ -84,7 +84,9 @@ def answer(config: Config, rows: list[dict]) -> str:
     return text
 
 
-def plots(config: Config, rows: list[dict], curves: list[dict], directory) -> list[str | None]:
+def plots(
+    config: Config, rows: list[dict], curves: list[dict], directory, *, styles
+) -> list[str | None]:
     return [
         _report.plot_curves(
             directory / "translated_curves.png",
@@ -92,6 +94,7 @@ def plots(config: Config, rows: list[dict], curves: list[dict], directory) -> li
             "translated_accuracy",
             title="Accuracy on translated test digits during training",
             ylabel="translated test accuracy",
+            styles=styles,
         )
     ]
 
