@@ -166,5 +166,11 @@ def settings_for(config: Any, model: str, kind: str, explicit: set[str], **chang
     base = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
     own = get(model).settings.get(kind, {})
     base.update({k: v for k, v in own.items() if k not in explicit})
+    if "steps" in explicit and "warmup_steps" in own and "warmup_steps" not in explicit:
+        # The model's warm-up is a share of the run it was tuned for; a run of other
+        # length warms up for the same share (steps=100 would otherwise be refused
+        # for a 300-step warm-up the user never asked for).
+        tuned = own.get("steps", type(config)().steps)
+        base["warmup_steps"] = own["warmup_steps"] * base["steps"] // tuned
     base.update(changes)
     return TrainConfig(**base)

@@ -135,6 +135,17 @@ def test_eval_every_follows_steps_when_only_steps_is_given(name, steps, eval_eve
     assert {(r.settings.steps, r.settings.eval_every) for r in p.runs} == {(steps, eval_every)}
 
 
+def test_a_models_own_warm_up_follows_steps_too():
+    # The transformer's MNIST-1D recipe warms up for 300 of its 3000 steps; a
+    # 100-step run of every model warms it up for the same tenth.
+    (p,) = _suite.plan(["architectures"], {"steps": "100"})
+    warmup = {r.model: r.settings.warmup_steps for r in p.runs if r.classical is None}
+    assert warmup["transformer"] == 10
+    assert {r.settings.steps for r in p.runs if r.classical is None} == {100}
+    (p,) = _suite.plan(["architectures"], {"steps": "100", "warmup_steps": "5"})
+    assert {r.settings.warmup_steps for r in p.runs if r.classical is None} == {5}
+
+
 def test_eval_every_of_a_quick_run_follows_its_steps(quick_run):
     config = json.loads((quick_run / "architectures" / "config.json").read_text())["config"]
     assert (config["steps"], config["eval_every"]) == (20, 10)
