@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import pathlib
@@ -98,6 +99,19 @@ def test_the_command_line_reports_a_bad_configuration_and_exits_2(capsys, tmp_pa
     err = capsys.readouterr().err
     assert "experiment depth: depths must be positive integers" in err
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_the_architectures_answer_cites_the_grus_16_seeds_only_at_the_default_settings():
+    from experiments.suite import architectures
+
+    accuracies = (0.900, 0.918, 0.861)
+    rows = [{"model": "gru", "seed": s, "test_accuracy": a} for s, a in enumerate(accuracies)]
+    config = dataclasses.replace(architectures.Config(), models=("gru",))
+    text = architectures.answer(config, rows)
+    assert "seeds range from 86.1% to 91.8%" in text and "Over 16 seeds" in text
+    # Other settings than the ones measured: the run's own spread, not the 16 seeds'.
+    text = architectures.answer(dataclasses.replace(config, steps=1000), rows)
+    assert "seeds range from 86.1% to 91.8%" in text and "Over 16 seeds" not in text
 
 
 def test_list_shows_experiments_fields_and_the_model_registry(capsys):
