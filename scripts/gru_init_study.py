@@ -9,8 +9,12 @@ torch_gru (the cells only), only_w_in, only_w_rec, only_bias; DRAW picks the
 random keys of the PyTorch draw (0, 1, ...).
 """
 
+import pathlib
 import sys
 import time
+
+# Run from anywhere: the repository root holds experiments/, which is not installed.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import jax
 import jax.numpy as jnp
