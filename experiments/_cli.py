@@ -21,7 +21,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     # What chooses the runs, shared by run and report (report finds the runs' records).
     selection = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     selection.add_argument("items", nargs="*", metavar="NAME|FIELD=VALUE")
-    selection.add_argument("--seeds", type=int, help="seeds per model (replicas trained in one program)")
+    selection.add_argument(
+        "--seeds", type=int, help="seeds per model (replicas trained in one program)"
+    )
     selection.add_argument("--quick", action="store_true", help="tiny settings, same code paths")
     selection.add_argument("--out", type=pathlib.Path, help="output folder (default results/)")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -122,11 +122,15 @@ def train_fnnet(
         steps=s.steps,
         batch_size=s.batch_size,
         seed=list(range(s.seeds)),
+        vectorize_replicas=s.vectorize_seeds and s.seeds > 1,
         shuffle=s.shuffle,
         metric_fns=metric_fns,
         eval_data=dict(task.tests),
         eval_every=s.eval_every,
         eval_batch_size=EVAL_BATCH,
+        # One dispatch per evaluation interval: the curves' train_* are the mean over
+        # the interval, and the host's per-chunk work is paid once per interval.
+        steps_per_call=s.eval_every,
         checkpoint=train.Checkpoints(checkpoint_dir, keep=1, **every),
         callbacks=[_Advance(advance)],
         mesh=mesh,

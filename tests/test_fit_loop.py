@@ -70,6 +70,7 @@ def _leaves(tree):
         ({"seed": 1.5}, "seed must be an int"),
         ({"metric_fns": {"loss": train.accuracy}}, 'must not use the name "loss"'),
         ({"mesh": "everything"}, "mesh must be 'auto', None or a jax Mesh"),
+        ({"vectorize_replicas": True}, "vectorize_replicas=True has no effect on one run"),
     ],
 )
 def test_bad_arguments_are_named_errors(kw, message):
@@ -174,6 +175,15 @@ def test_four_seeds_equal_four_separate_runs_bitwise(threefry):
             np.testing.assert_array_equal(a, b)
         mine = [row["loss"] for row in together.history if row["replica"] == r]
         assert mine == [row["loss"] for row in alone.history]
+
+
+def test_vectorized_replicas_equal_separate_runs_to_rounding(threefry):
+    together = _fit(seed=[0, 1, 2], steps=12, vectorize_replicas=True)
+    for r in (0, 2):
+        alone = _fit(seed=r, steps=12)
+        mine = jax.tree.map(lambda a, r=r: a[r], together.state.params)
+        for a, b in zip(_leaves(alone.state.params), _leaves(mine)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_a_diverged_replica_stops_changing_while_the_others_train_on():

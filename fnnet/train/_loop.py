@@ -499,6 +499,7 @@ def fit(
     batch_size: int,
     seed: int | Sequence[int] = 0,
     hyperparams: Mapping[str, Any] | None = None,
+    vectorize_replicas: bool = False,
     shuffle: bool = True,
     metric_fns: Mapping[str, Callable] | None = None,
     eval_data: Any = None,
@@ -532,6 +533,12 @@ def fit(
         reported in ``FitResult.diverged`` while the others train on.
       hyperparams: values for ``optax.inject_hyperparams`` names, a scalar or one
         per replica (``set_hyperparams``).
+      vectorize_replicas: train replicas on one device side by side with
+        ``jax.vmap`` instead of one after another (``jax.lax.map``). On the CPU
+        this is faster for small dense models (the MNIST-1D MLP's 3 seeds: 10%)
+        and slower for convolutions; replica ``r`` then equals ``seed[r]``'s own
+        run to float32 rounding, not bit for bit. Replicas split over devices
+        always run side by side.
       shuffle: reshuffle every epoch (False: batches in dataset order).
       metric_fns: per-example metrics ``fn(output, label)`` averaged over batches,
         logged for training and for every evaluation set.
@@ -574,6 +581,15 @@ def fit(
     batch_size = _positive_int(batch_size, "batch_size")
     steps_per_call = _positive_int(steps_per_call, "steps_per_call", optional=True)
     seed, replicas = _seeds(seed)
+    if not isinstance(vectorize_replicas, bool):
+        raise TypeError(
+            f"fit: vectorize_replicas must be True or False, got {vectorize_replicas!r}"
+        )
+    if vectorize_replicas and replicas is None:
+        raise ValueError(
+            "fit: vectorize_replicas=True has no effect on one run; give several seeds "
+            "(seed=[0, 1, 2]) or leave it out"
+        )
     x, y, num_examples = _pair(train_data, "train_data")
     if batch_size > num_examples:
         raise ValueError(
@@ -631,6 +647,7 @@ def fit(
         "data": data_fingerprint((x, y)),
         "batch_size": batch_size,
         "seed": seed if replicas is None else seed.tolist(),
+        "vectorize_replicas": vectorize_replicas,
         "shuffle": bool(shuffle),
         "hyperparams": fingerprint(dict(hyperparams or {})),
         "policy": fingerprint(policy),
@@ -647,7 +664,8 @@ def fit(
         return _train(
             model, optimizer, loss_fn, (x, y), sets, steps=steps, batch_size=batch_size,
             per_epoch=per_epoch, seed=seed, replicas=replicas, hyperparams=hyperparams,
-            shuffle=shuffle, metric_fns=metric_fns, eval_every=eval_every,
+            vectorize_replicas=vectorize_replicas, shuffle=shuffle, metric_fns=metric_fns,
+            eval_every=eval_every,
             eval_batch_size=eval_batch_size, early_stopping=early_stopping, mode=mode,
             checkpoint=checkpoint, directory=directory, callbacks=callbacks, where=where,
             steps_per_call=steps_per_call, policy=policy, run_identity=run_identity,
@@ -660,7 +678,8 @@ def fit(
 
 def _train(
     model, optimizer, loss_fn, data, sets, *, steps, batch_size, per_epoch, seed, replicas,
-    hyperparams, shuffle, metric_fns, eval_every, eval_batch_size, early_stopping, mode,
+    hyperparams, vectorize_replicas, shuffle, metric_fns, eval_every, eval_batch_size,
+    early_stopping, mode,
     checkpoint, directory, callbacks, where, steps_per_call, policy, run_identity, settings,
     progress, notices,
 ) -> FitResult:  # fmt: skip
@@ -686,7 +705,8 @@ def _train(
     )  # fmt: skip
     intervals = [i for i in (eval_every, checkpoint and checkpoint.every) if i]
     chunk = steps_per_call or _chunk_length(steps, per_epoch, intervals)
-    fused = {"batch_size": batch_size, "shuffle": shuffle, "replicated": replicated}
+    fused = {"batch_size": batch_size, "shuffle": shuffle, "replicated": replicated,
+             "vectorize_replicas": vectorize_replicas}  # fmt: skip
     if where.mesh is not None:
         state = shard_state(state, where.mesh, replica_axis=where.replica_axis)
         placed_data = replicate(data, where.mesh)

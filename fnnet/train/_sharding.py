@@ -315,7 +315,8 @@ def make_sharded_steps(
       mesh, rule, batch_axis: as for :func:`sharded_step`.
       replica_axis: as for :func:`shard_state`; needs ``replicated=True``.
       **fused: ``batch_size``, ``num_steps``, ``shuffle``, ``replicated``,
-        ``canonical_convs``, passed to ``make_fused_steps``.
+        ``vectorize_replicas``, ``canonical_convs``, passed to ``make_fused_steps``
+        (replicas split over ``replica_axis`` are always vectorized).
 
     Returns:
       ``run(state) -> (state, metrics)`` for a state placed with
@@ -328,9 +329,8 @@ def make_sharded_steps(
     step = sharded_step(step_fn, mesh, rule=rule, batch_axis=batch_axis)
     # Replicas split over devices must run side by side: a loop over a split axis
     # would gather it.
-    fused_run = make_fused_steps(
-        step, dataset, vectorize_replicas=replica_axis is not None, **fused
-    )
+    vectorize = fused.pop("vectorize_replicas", False) or replica_axis is not None
+    fused_run = make_fused_steps(step, dataset, vectorize_replicas=vectorize, **fused)
 
     def run(state: TrainState):
         new_state, metrics = fused_run(state)
