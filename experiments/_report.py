@@ -336,8 +336,10 @@ def plot_scatter(
             mx, my, xerr=sx, yerr=sy, fmt=style.marker, color=style.color, capsize=3, label=name
         )
     _legend(ax, f"error bars: ±1 std\nover {_seeds(n for *_, n in points)}")
-    if logx:
+    if logx and all(mx > 0 for (mx, _), *_ in points):
         ax.set_xscale("log")
+    elif logx:  # a log axis cannot show 0 (a run too short to time, say)
+        xlabel += " (linear: a value is 0)"
     return _finish(plt, fig, ax, path, xlabel, ylabel, title)
 
 

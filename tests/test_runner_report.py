@@ -280,3 +280,13 @@ def test_a_non_finite_or_out_of_range_override_fails_naming_the_field(overrides,
     with pytest.raises(ConfigError) as info:
         _suite.plan(["depth"], overrides)
     assert message in str(info.value)
+
+
+def test_a_time_of_zero_is_drawn_on_a_linear_axis(tmp_path):
+    rows = [{"model": "mlp", "seed": s, "status": "ok", "train_seconds": 0.0,
+             "test_accuracy": 0.5 + 0.1 * s} for s in range(2)]  # fmt: skip
+    name = _report.plot_scatter(
+        tmp_path / "t.png", rows, "train_seconds", "test_accuracy", title="t",
+        xlabel="training seconds", ylabel="accuracy",
+    )  # fmt: skip
+    assert name == "t.png" and (tmp_path / "t.png").stat().st_size > 0

@@ -824,7 +824,9 @@ def _train(
             state, chunk_metrics = program(length)(state)
             chunk_metrics = _host(chunk_metrics)
         elapsed = time.perf_counter() - start
-        seconds["train"] += elapsed - chunk_clock.seconds
+        # JAX's compile events can nest (a lowering that traces inner functions), so
+        # their sum may exceed a short chunk whose programs came from the cache.
+        seconds["train"] += max(0.0, elapsed - chunk_clock.seconds)
         done += length
         bad = np.reshape(_host(state.nonfinite_step), -1)
         what = np.reshape(_host(state.nonfinite_what), -1)
