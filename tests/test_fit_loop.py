@@ -512,3 +512,9 @@ def test_a_replica_whose_update_overflows_stops_and_the_others_train_on():
     assert result.diverged == [None, 0]
     for leaf in _leaves(result.state.params):
         assert np.all(np.isfinite(leaf))
+
+
+def test_a_hyperparameter_its_dtype_cannot_hold_is_named():
+    optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"learning_rate=.*does not fit .*float32"):
+        _fit(seed=[0, 1], optimizer=optimizer, hyperparams={"learning_rate": [0.1, 1e39]})

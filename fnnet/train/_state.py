@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fnnet._src.layer import Layer
@@ -170,6 +171,22 @@ def _compile_for_one_run(fn, *args):
     return lowered.compile()(*args)
 
 
+def _cast(name: str, value: Any, dtype: Any) -> jax.Array:
+    """``value`` in the hyperparameter's dtype; a value the dtype cannot hold is an
+    error naming it (NumPy would warn and make it infinite)."""
+    if isinstance(value, jax.core.Tracer):  # under jit: nothing to check on the host
+        return jnp.asarray(value, dtype)
+    given = np.asarray(value)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = given.astype(dtype)
+    if np.issubdtype(dtype, np.floating) and np.any(np.isfinite(given) & ~np.isfinite(cast)):
+        raise ValueError(
+            f"set_hyperparams: {name}={value!r} does not fit the optimizer state's "
+            f"{np.dtype(dtype).name} (largest {float(np.finfo(dtype).max):.3g})"
+        )
+    return jnp.asarray(cast)
+
+
 def set_hyperparams(state: TrainState, **values: Any) -> TrainState:
     """Sets hyperparameters held in the optimizer's state by ``optax.inject_hyperparams``.
 
@@ -203,7 +220,7 @@ def set_hyperparams(state: TrainState, **values: Any) -> TrainState:
         for name, value in values.items():
             if name in hyperparams:
                 old = jnp.asarray(hyperparams[name])
-                new = jnp.asarray(value, old.dtype)
+                new = _cast(name, value, old.dtype)
                 if new.shape not in ((), old.shape):
                     raise ValueError(
                         f"set_hyperparams: {name} has shape {old.shape} in the optimizer "
