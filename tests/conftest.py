@@ -1,8 +1,32 @@
 """Strict JAX settings for every test: mixing dtypes or ranks implicitly is an error."""
 
+import os
+import shutil
+import tempfile
+
 import jax
 import numpy as np
 import pytest
+
+# One persistent compilation cache for the session: the xdist workers and the
+# subprocesses the tests start (a killed run and its resume, the multi-host pairs,
+# the runner) compile many of the same programs. The controller makes the folder
+# before the workers start, and they and every subprocess inherit it through the
+# environment; it is removed at the end. Only programs that took 0.3 s or more to
+# compile are stored (JAX's own threshold).
+if "FNNET_TEST_CACHE" not in os.environ:
+    os.environ["FNNET_TEST_CACHE"] = tempfile.mkdtemp(prefix="fnnet-test-cache-")
+    os.environ["FNNET_TEST_CACHE_OWNER"] = str(os.getpid())
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["FNNET_TEST_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
+jax.config.update("jax_compilation_cache_dir", os.environ["FNNET_TEST_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+
+
+def pytest_sessionfinish(session):
+    if os.environ.get("FNNET_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["FNNET_TEST_CACHE"], ignore_errors=True)
+
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
