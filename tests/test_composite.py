@@ -37,7 +37,7 @@ def test_init_under_jit_and_vmap_equals_eager_init():
     keys = jax.random.split(jax.random.key(3, impl="threefry2x32"), 2)
     eager = [model.init(k, x) for k in keys]
     jitted = jax.jit(model.init)(keys[0], x)
-    vmapped = jax.vmap(model.init, in_axes=(0, None))(keys, x)
+    vmapped = jax.jit(jax.vmap(model.init, in_axes=(0, None)))(keys, x)  # one program
     same = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)  # XLA may fuse
     jax.tree.map(same, eager[0], jitted)
     for i, params in enumerate(eager):
