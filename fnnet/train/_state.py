@@ -174,9 +174,10 @@ def _compile_for_one_run(fn, *args):
 def _cast(name: str, value: Any, dtype: Any) -> jax.Array:
     """``value`` in the hyperparameter's dtype; a value the dtype cannot hold is an
     error naming it (NumPy would warn and make it infinite)."""
-    if isinstance(value, jax.core.Tracer):  # under jit: nothing to check on the host
+    try:
+        given = np.asarray(value)
+    except jax.errors.TracerArrayConversionError:  # under jit: nothing to check here
         return jnp.asarray(value, dtype)
-    given = np.asarray(value)
     with np.errstate(over="ignore", invalid="ignore"):
         cast = given.astype(dtype)
     if np.issubdtype(dtype, np.floating) and np.any(np.isfinite(given) & ~np.isfinite(cast)):
