@@ -28,6 +28,11 @@ def pytest_sessionfinish(session):
         shutil.rmtree(os.environ["FNNET_TEST_CACHE"], ignore_errors=True)
 
 
+# The suite means the same on a GPU or TPU host: every test, and every process a
+# test starts, computes on the CPU (an accelerator's TF32 or bfloat16 matmuls would
+# break the 2e-5 tolerances). Accelerator checks live in the benchmarks.
+os.environ["JAX_PLATFORMS"] = "cpu"
+jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # XLA's own bit generator compiles in about half the time of threefry, and the
