@@ -311,6 +311,15 @@ def test_check_refuses_odd_paths(tmp_path):
         check_checkpoint_dir(link)
 
 
+def test_a_url_is_refused_instead_of_becoming_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointDirectoryError, match="'gs://bucket/run' is a URL"):
+        check_checkpoint_dir("gs://bucket/run")
+    with pytest.raises(CheckpointDirectoryError, match=r"CheckpointManager\('gs://b/x'\)"):
+        CheckpointManager("gs://b/x")
+    assert not any(tmp_path.iterdir())  # no folder named gs: appeared
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_check_refuses_a_read_only_directory(tmp_path):
     locked = tmp_path / "read-only"

@@ -42,6 +42,7 @@ import datetime
 import importlib.metadata
 import json
 import math
+import os
 import pathlib
 import re
 import shutil
@@ -116,6 +117,22 @@ class CheckpointDirectoryError(CheckpointError):
     """A checkpoint directory cannot be used: it is a file, or cannot be created or written."""
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def refuse_url(path: Any, where: str) -> None:
+    """A URL (``gs://bucket/run``) as a checkpoint directory is an error: the
+    checkpoints are written with local file operations, and ``pathlib`` would
+    quietly turn the URL into a local folder named ``gs:``."""
+    text = os.fspath(path) if isinstance(path, str | os.PathLike) else ""
+    if _URL.match(text):
+        raise CheckpointDirectoryError(
+            f"{where}: {text!r} is a URL; checkpoints are written to a file system path "
+            "(a local or shared disk every host sees). To keep them in a bucket, copy the "
+            "directory there after training (docs/tpu.md)."
+        )
+
+
 class CheckpointLockedError(CheckpointError):
     """Another process holds the lock on a checkpoint directory (see ``DirectoryLock``).
 
@@ -177,6 +194,7 @@ class CheckpointManager:
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         if best_metric is not None and not isinstance(best_metric, str):
             raise TypeError(f"best_metric must be a metric name or None, got {best_metric!r}")
+        refuse_url(directory, f"CheckpointManager({str(directory)!r})")
         # Absolute, so a relative path keeps meaning the same place (and orbax accepts it).
         self.directory = pathlib.Path(directory).absolute()
         self.keep = keep

@@ -31,6 +31,7 @@ from fnnet.train._checkpoint import (
     CheckpointDirectoryError,
     CheckpointError,
     CheckpointLockedError,
+    refuse_url,
 )
 
 LOCK_FILE = ".fnnet-lock"
@@ -64,6 +65,7 @@ def check_checkpoint_dir(
             f"{type(path).__name__} {path!r}"
         )
     where = f"{argument}={os.fspath(path)!r}"
+    refuse_url(path, argument)
     if not os.fspath(path):
         raise CheckpointDirectoryError(f"{where} is empty; give the directory to save into")
     directory = pathlib.Path(path).absolute()
