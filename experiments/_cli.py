@@ -25,7 +25,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--seeds", type=int, help="seeds per model (replicas trained in one program)"
     )
     selection.add_argument("--quick", action="store_true", help="tiny settings, same code paths")
-    selection.add_argument("--out", type=pathlib.Path, help="output folder (default results/)")
+    selection.add_argument("--out", type=_folder, help="output folder (default results/)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "list", help="the experiments, their fields, and the model registry", allow_abbrev=False
@@ -98,6 +98,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if extra:
         args.items = [*args.items, *extra]
     return args
+
+
+def _folder(text: str) -> pathlib.Path:
+    """``--out``: a file system path. A URL is refused (pathlib would make ``gs://b``
+    a local folder ``gs:/b``); copy results to a bucket afterwards (docs/tpu.md)."""
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a URL; --out takes a folder on disk (copy it to a bucket afterwards)"
+        )
+    return pathlib.Path(text)
 
 
 def _split(items: list[str]) -> tuple[list[str], dict[str, str]]:

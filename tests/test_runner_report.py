@@ -290,3 +290,12 @@ def test_a_time_of_zero_is_drawn_on_a_linear_axis(tmp_path):
         xlabel="training seconds", ylabel="accuracy",
     )  # fmt: skip
     assert name == "t.png" and (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_an_out_url_is_refused_before_anything_is_written(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        _cli.main(["run", "depth", "--quick", "--out", "gs://bucket/results"])
+    assert exit_.value.code == 2
+    assert "is a URL; --out takes a folder on disk" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
