@@ -273,6 +273,27 @@ def _remove_commit_marker(step_dir):
     (step_dir / "commit_success.txt").unlink()
 
 
+def _fifo_record(step_dir):  # a read would block forever
+    path = step_dir / "metadata" / "metadata.json"
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _deeply_nested_record(step_dir):
+    (step_dir / "metadata" / "metadata.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _huge_integer_record(step_dir):  # past Python's 4300-digit limit for int()
+    (step_dir / "metadata" / "metadata.json").write_text("7" * 5000)
+
+
+def _wrong_typed_record(step_dir):
+    path = step_dir / "metadata" / "metadata.json"
+    record = json.loads(path.read_text())
+    record["spec"] = "not a list"
+    path.write_text(json.dumps(record))
+
+
 def _delete_array_index(step_dir):
     (step_dir / "state" / "_METADATA").unlink()
 
@@ -287,6 +308,10 @@ DAMAGE = {
     "deleted record": (_delete_record, r"record .*2/metadata/metadata.json is missing", 0),
     "no commit marker": (_remove_commit_marker, r"2 has no commit marker commit_success", 0),
     "no array index": (_delete_array_index, r"array index .*2/state/_METADATA is missing", 0),
+    "record a FIFO": (_fifo_record, r"record .*metadata.json is not a regular file", 0),
+    "deeply nested record": (_deeply_nested_record, r"metadata.json is not readable JSON", 0),
+    "5000-digit integer": (_huge_integer_record, r"metadata.json is not readable JSON", 0),
+    "wrong-typed field": (_wrong_typed_record, r"metadata.json lacks its spec", 0),
 }
 
 

@@ -46,6 +46,7 @@ import os
 import pathlib
 import re
 import shutil
+import stat
 import sys
 import warnings
 import zlib
@@ -499,11 +500,22 @@ def _read_record(directory: pathlib.Path, step: int) -> dict:
         )
     path = step_dir / _RECORD_ITEM / _RECORD_FILE
     try:
-        record = json.loads(path.read_text())
+        mode = path.lstat().st_mode
     except FileNotFoundError:
         raise CorruptCheckpointError(f"the record {path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"the record {path} is not readable JSON: {e}") from None
+    except OSError as e:
+        raise CorruptCheckpointError(f"the record {path} cannot be read: {e}") from None
+    if not stat.S_ISREG(mode):  # a FIFO would block the read forever; a link leads away
+        raise CorruptCheckpointError(f"the record {path} is not a regular file")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError: bad JSON, or an integer past Python's digit limit;
+        # RecursionError: nesting too deep to parse.
+        reason = str(e) or type(e).__name__
+        raise CorruptCheckpointError(
+            f"the record {path} is not readable JSON: {reason[:200]}"
+        ) from None
     if not isinstance(record, dict) or record.get("format") != _FORMAT:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
         raise CorruptCheckpointError(
