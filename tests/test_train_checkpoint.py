@@ -412,3 +412,17 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, mode):
     assert manager.steps() == [1, 2]
     assert not (directory / f"2{TMP_SUFFIX}").exists()
     assert_bitwise_equal(manager.restore(target=small_state(0))[0], small_state(2))
+
+
+def test_a_step_linked_from_outside_the_directory_is_refused(tmp_path):
+    outside = CheckpointManager(tmp_path / "other")
+    outside.save(5, small_state(5), metadata=METADATA)
+    manager = CheckpointManager(tmp_path / "run")
+    manager.save(1, small_state(1), metadata=METADATA)
+    (tmp_path / "run" / "5").symlink_to(tmp_path / "other" / "5")
+    assert manager.steps() == [1]
+    with pytest.raises(CorruptCheckpointError, match="symbolic link out of the checkpoint"):
+        manager.restore(5)
+    with pytest.warns(CheckpointWarning, match="skipping damaged checkpoint of step 5"):
+        _, record = manager.restore(target=small_state(0))
+    assert record["step"] == 1

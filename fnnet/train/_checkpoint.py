@@ -493,6 +493,11 @@ def _step_dirs(directory: pathlib.Path) -> list[int]:
 def _read_record(directory: pathlib.Path, step: int) -> dict:
     """The record of ``step`` after the cheap integrity checks; raises if damaged."""
     step_dir = directory / str(step)
+    if step_dir.is_symlink() and directory.resolve() not in step_dir.resolve().parents:
+        raise CorruptCheckpointError(
+            f"{step_dir} is a symbolic link out of the checkpoint directory (to "
+            f"{step_dir.resolve()}); a step is read only from inside it"
+        )
     if not (step_dir / _COMMIT_MARKER).is_file():
         raise CorruptCheckpointError(
             f"{step_dir} has no commit marker {_COMMIT_MARKER}: the save never finished "
