@@ -311,7 +311,7 @@ DAMAGE = {
     "record a FIFO": (_fifo_record, r"record .*metadata.json is not a regular file", 0),
     "deeply nested record": (_deeply_nested_record, r"metadata.json is not readable JSON", 0),
     "5000-digit integer": (_huge_integer_record, r"metadata.json is not readable JSON", 0),
-    "wrong-typed field": (_wrong_typed_record, r"metadata.json lacks its spec", 0),
+    "wrong-typed field": (_wrong_typed_record, r"metadata.json does not match its checksum", 0),
 }
 
 

@@ -163,3 +163,17 @@ def test_load_model_tells_how_to_restore_a_custom_model(tmp_path):
     tree, _ = train.CheckpointManager(tmp_path / "ckpt").restore()
     for a, b in zip(jax.tree.leaves(tree["state"].params), jax.tree.leaves(result.state.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_edited_model_record_is_refused_not_rebuilt_as_another_model(tmp_path):
+    train.fit(
+        fnnet.models.mlp(3, (16,)), optax.adam(1e-2), train.softmax_cross_entropy, _blobs(),
+        steps=4, batch_size=16, checkpoint=tmp_path / "ckpt", progress=False,
+    )  # fmt: skip
+    (record,) = (tmp_path / "ckpt").glob("*/metadata/metadata.json")
+    text = record.read_text()
+    assert '"relu"' in text
+    record.write_text(text.replace('"relu"', '"tanh"'))  # same parameter tree, other model
+    warned = pytest.warns(train.CheckpointWarning, match="does not match its checksum")
+    with warned, pytest.raises(train.CheckpointError, match="no intact"):
+        train.load_model(tmp_path / "ckpt")

@@ -70,7 +70,9 @@ _RECORD_FILE = "metadata.json"
 _COMMIT_MARKER = "commit_success.txt"
 _ORBAX_TREE_INDEX = "_METADATA"
 # Keys of the record that fnnet fills in; the caller's metadata may not use them.
-_RESERVED = ("format", "step", "saved_at", "versions", "metrics", "spec", "structure")
+_RESERVED = (
+    "format", "step", "saved_at", "versions", "metrics", "spec", "structure", "record_crc32",
+)  # fmt: skip
 _STEP_NAME = re.compile(r"[0-9]+")
 _DELETING = re.compile(r"\.[0-9]+\.fnnet-deleting")
 _MAX_LISTED = 20
@@ -294,6 +296,7 @@ class CheckpointManager:
                 )
         record = _base_record(step, metadata, metrics)
         arrays, record["spec"], record["structure"] = _encode_state(step, state)
+        record["record_crc32"] = _record_crc32(record)
 
         self.directory.mkdir(parents=True, exist_ok=True)
         if damage is not None:
@@ -527,6 +530,15 @@ def _read_record(directory: pathlib.Path, step: int) -> dict:
             f"the record {path} is not an fnnet checkpoint record of format {_FORMAT!r} "
             f"(found {found!r}); was it written by another version of fnnet?"
         )
+    try:
+        intact = record.get("record_crc32") == _record_crc32(record)
+    except (TypeError, ValueError, RecursionError):
+        intact = False
+    if not intact:
+        raise CorruptCheckpointError(
+            f"the record {path} does not match its checksum: it was edited or damaged "
+            "(the model it describes could no longer be trusted)"
+        )
     if record.get("step") != step:
         raise CorruptCheckpointError(
             f"the record {path} is for step {record.get('step')!r}, not {step}: the "
@@ -542,6 +554,12 @@ def _read_record(directory: pathlib.Path, step: int) -> dict:
             f"orbax's array index {index} is missing: the arrays of step {step} are gone"
         )
     return record
+
+
+def _record_crc32(record: dict) -> int:
+    """A checksum of the record's content (all but the checksum), key order aside."""
+    body = {k: v for k, v in record.items() if k != "record_crc32"}
+    return zlib.crc32(json.dumps(body, sort_keys=True, allow_nan=False).encode())
 
 
 def _record_is_well_formed(record: dict) -> bool:
