@@ -426,3 +426,15 @@ def test_a_step_linked_from_outside_the_directory_is_refused(tmp_path):
     with pytest.warns(CheckpointWarning, match="skipping damaged checkpoint of step 5"):
         _, record = manager.restore(target=small_state(0))
     assert record["step"] == 1
+
+
+def test_a_record_of_the_format_before_checksums_says_which_version_wrote_it(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    manager.save(1, small_state(1), metadata=METADATA)
+    path = tmp_path / "1" / "metadata" / "metadata.json"
+    record = json.loads(path.read_text())
+    del record["record_crc32"]
+    record["format"] = "fnnet-checkpoint-1"
+    path.write_text(json.dumps(record))
+    with pytest.raises(CorruptCheckpointError, match="written by another version of fnnet"):
+        manager.restore(1)

@@ -61,7 +61,7 @@ from jax.experimental import multihost_utils
 
 from fnnet._src.placement import place
 
-_FORMAT = "fnnet-checkpoint-1"
+_FORMAT = "fnnet-checkpoint-2"  # 2: the record carries its own checksum
 _ARRAYS = "state"  # the orbax item holding the arrays
 _RECORD_ITEM = "metadata"  # the orbax item holding the JSON record
 _RECORD_FILE = "metadata.json"
