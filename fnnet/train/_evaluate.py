@@ -36,6 +36,22 @@ class EvaluationError(ValueError):
     """``evaluate`` was called with a dataset, batch size or metric it cannot use."""
 
 
+def _batch_outputs(model: Layer, policy: Policy | None, params: Any, state: Any, xs: Any) -> Any:
+    """The model's output for each example of one batch (leading axis ``batch``)."""
+
+    def forward(x):
+        positional, inputs = split_inputs(model, x)
+        if policy is None:
+            return model.apply_with_state(
+                params, state, positional, key=None, train=False, **inputs
+            )[0]
+        return apply_with_policy(
+            model, policy, params, state, positional, key=None, train=False, **inputs
+        )[0]
+
+    return jax.vmap(forward)(xs)
+
+
 def _batch_sums(
     model: Layer,
     metric_fns: tuple[tuple[str, MetricFn], ...],
@@ -52,17 +68,7 @@ def _batch_sums(
     Returns ``{name: ()}`` float32 sums.
     """
 
-    def forward(x):
-        positional, inputs = split_inputs(model, x)
-        if policy is None:
-            return model.apply_with_state(
-                params, state, positional, key=None, train=False, **inputs
-            )[0]
-        return apply_with_policy(
-            model, policy, params, state, positional, key=None, train=False, **inputs
-        )[0]
-
-    outputs = jax.vmap(forward)(xs)  # (batch, ...)
+    outputs = _batch_outputs(model, policy, params, state, xs)  # (batch, ...)
     sums = {}
     for name, fn in metric_fns:
         values = jax.vmap(fn)(outputs, ys)  # (batch,)
@@ -82,23 +88,33 @@ def _batch_sums(
 _batch_sums_jit = jax.jit(_batch_sums, static_argnums=(0, 1, 2))
 
 
+def _check_batch_size(batch_size: Any, where: str) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise EvaluationError(f"{where}: batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _examples(tree: Any, where: str, name: str, empty: str) -> int:
+    """N, the leading axis every array of ``tree`` shares (``name`` and ``empty``
+    say what ``tree`` is in the errors)."""
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(tree)}
+    if not sizes or None in sizes or len(sizes) != 1:
+        raise EvaluationError(
+            f"{where}: every array of {name} needs the same leading example axis N, "
+            f"got shapes {jax.tree.map(np.shape, tree)}"
+        )
+    (n,) = sizes
+    if n == 0:
+        raise EvaluationError(f"{where}: {empty} is empty (N = 0)")
+    return n
+
+
 def _size(dataset: Any) -> int:
     if not isinstance(dataset, tuple | list) or len(dataset) != 2:
         raise EvaluationError(
             f"evaluate: dataset must be a pair (x, y) of arrays with a leading example "
             f"axis, got {type(dataset).__name__}"
         )
-    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(dataset)}
-    if None in sizes or len(sizes) != 1:
-        shapes = jax.tree.map(np.shape, tuple(dataset))
-        raise EvaluationError(
-            f"evaluate: every array of (x, y) needs the same leading example axis N, "
-            f"got shapes {shapes}"
-        )
-    (n,) = sizes
-    if n == 0:
-        raise EvaluationError("evaluate: the dataset is empty (N = 0)")
-    return n
+    return _examples(tuple(dataset), "evaluate", "(x, y)", "the dataset")
 
 
 def _pad(a: Any, total: int) -> jax.Array:
@@ -142,10 +158,7 @@ def evaluate(
     Returns:
       ``{name: mean}`` as Python floats.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise EvaluationError(
-            f"evaluate: batch_size must be a positive integer, got {batch_size!r}"
-        )
+    _check_batch_size(batch_size, "evaluate")
     if not metric_fns:
         raise EvaluationError("evaluate: metric_fns is empty; give at least one {name: fn}")
     for name, fn in metric_fns.items():
@@ -171,22 +184,6 @@ def evaluate(
     per_batch = jax.device_get(per_batch)
     # Sum the per-batch float32 sums in float64, so large N loses no precision.
     return {name: math.fsum(float(s[name]) for s in per_batch) / n for name, _ in metrics}
-
-
-def _batch_outputs(model: Layer, policy: Policy | None, params: Any, state: Any, xs: Any) -> Any:
-    """The model's output for each example of one batch (leading axis ``batch``)."""
-
-    def forward(x):
-        positional, inputs = split_inputs(model, x)
-        if policy is None:
-            return model.apply_with_state(
-                params, state, positional, key=None, train=False, **inputs
-            )[0]
-        return apply_with_policy(
-            model, policy, params, state, positional, key=None, train=False, **inputs
-        )[0]
-
-    return jax.vmap(forward)(xs)
 
 
 # Static model and policy, as _batch_sums_jit: one program per batch shape, any N.
@@ -224,17 +221,8 @@ def predict(
       The outputs stacked on a leading axis of ``N``, as NumPy arrays (one per
       leaf of the model's output).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise EvaluationError(f"predict: batch_size must be a positive integer, got {batch_size!r}")
-    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(x)}
-    if not sizes or None in sizes or len(sizes) != 1:
-        raise EvaluationError(
-            f"predict: every array of x needs the same leading example axis N, got shapes "
-            f"{jax.tree.map(np.shape, x)}"
-        )
-    (n,) = sizes
-    if n == 0:
-        raise EvaluationError("predict: x is empty (N = 0)")
+    _check_batch_size(batch_size, "predict")
+    n = _examples(x, "predict", "x", "x")
     check_params(model, params, jax.tree.map(lambda a: a[0], x), where="predict: params")
     num_batches = math.ceil(n / batch_size)
     xs = jax.tree.map(lambda a: _pad(a, num_batches * batch_size), x)
