@@ -90,8 +90,7 @@ def _gru_note(config: Config, rows: list[dict]) -> str:
     text = ""
     if len(accuracies) > 1:
         text = f" The GRU's seeds range from {min(accuracies):.1f}% to {max(accuracies):.1f}%."
-    default = Config()
-    if dataclasses.replace(config, models=default.models, seeds=default.seeds) != default:
+    if changes(config, Config()):  # the 16-seed figure is for the default setting
         return text
     mean, std, low, high = GRU_16_SEEDS
     return text + (
