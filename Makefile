@@ -71,7 +71,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.step_overhead
 	$(PY) -m bench.floor
 	$(PY) -m bench.train --repeats 3
-	$(PY) -m bench.runner --repeats 3
+	$(PY) -m bench.runner --repeats 3 --steps 2000
 
 # What `make test` runs with: the interpreter and the libraries that decide the results.
 versions: $(TEST_STAMP)

@@ -22,7 +22,7 @@ second counts the training chunks alone (compilation excluded), as each loop
 reports its ``train_seconds``. Each ratio ``fit / old`` is the median over
 repeats of each repeat's ratio (below 1: fit is cheaper).
 
-Run: ``python -m bench.runner`` (about 5 minutes on two CPU cores), or one
+Run: ``python -m bench.runner --steps 2000`` (about 4 minutes on two CPU cores), or one
 measurement: ``python -m bench.runner --one mlp fit --json``.
 """
 
