@@ -338,6 +338,12 @@ def plot_scatter(
     _legend(ax, f"error bars: ±1 std\nover {_seeds(n for *_, n in points)}")
     if logx and all(mx > 0 for (mx, _), *_ in points):
         ax.set_xscale("log")
+        lo = min(mx - sx if mx > sx else mx for (mx, sx), *_ in points)
+        hi = max(mx + sx for (mx, sx), *_ in points)
+        if hi < 10 * lo:  # span a decade, so a labelled tick shows (and matplotlib's
+            # labelling of a narrower log range can divide by a zero-width box)
+            middle = math.sqrt(lo * hi)
+            ax.set_xlim(middle / 10**0.5, middle * 10**0.5)
     elif logx:  # a log axis cannot show 0 (a run too short to time, say)
         xlabel += " (linear: a value is 0)"
     return _finish(plt, fig, ax, path, xlabel, ylabel, title)
