@@ -154,8 +154,45 @@ def parallel(
 _UNROLL_UP_TO = 4
 
 
+# The policies of jax.checkpoint_policies that take no arguments, by name (the
+# others, such as save_only_these_names, are built by the caller and passed as is).
+_REMAT_POLICIES = (
+    "nothing_saveable",
+    "everything_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+)
+
+
+def _remat_policy(kind: str, remat):
+    """``remat`` as ``(on, policy)``: checked, a policy name looked up."""
+    if remat is False or remat is None:
+        return False, None
+    if remat is True:
+        return True, None
+    if isinstance(remat, str):
+        if remat not in _REMAT_POLICIES:
+            errors.fail(
+                kind,
+                f"remat={remat!r} is not a policy name; expected True, False, one of "
+                f"{list(_REMAT_POLICIES)}, or a jax.checkpoint_policies policy",
+            )
+        return True, getattr(jax.checkpoint_policies, remat)
+    if callable(remat):
+        return True, remat
+    errors.fail(
+        kind,
+        f"remat must be True, False, a policy name or a jax.checkpoint policy, got {remat!r}",
+    )
+
+
 def repeat(
-    block: Layer, n: int, kind: str = "repeat", *, unroll: int | bool | None = None
+    block: Layer,
+    n: int,
+    kind: str = "repeat",
+    *,
+    unroll: int | bool | None = None,
+    remat: bool | str | Callable = False,
 ) -> Layer:
     """Applies ``block`` ``n`` times with separate parameters, as one ``lax.scan``.
 
@@ -176,8 +213,18 @@ def repeat(
         across blocks and adds a slice and an update per stacked parameter;
         for the MNIST-1D transformer (2 blocks) unrolling made a CPU training
         step about a fifth faster, at the cost of compiling each copy.
+      remat: recompute each copy's activations in the backward pass instead of
+        keeping them (``jax.checkpoint`` around one copy), so a deep stack's
+        training step holds one copy's activations at a time rather than ``n``:
+        memory for arithmetic (a second forward pass). True keeps only each
+        copy's input; a name (``"dots_saveable"``: keep the matrix products'
+        results, recompute the elementwise rest; also ``"nothing_saveable"``,
+        ``"everything_saveable"``, ``"dots_with_no_batch_dims_saveable"``) or
+        any ``jax.checkpoint_policies`` policy chooses what else is kept. The
+        results equal those without remat to float rounding.
     """
     errors.positive_int(n, kind, "n")
+    rematerialize, policy = _remat_policy(kind, remat)
     if unroll is None:
         unroll = n <= _UNROLL_UP_TO
     if not isinstance(unroll, bool) and not (isinstance(unroll, int) and unroll >= 1):
@@ -205,6 +252,10 @@ def repeat(
                 _same_shape(kind, h, y, "a repeated block")
             return y.astype(h.dtype), (s, c)
 
+        if rematerialize:
+            # prevent_cse=False: inside a scan, common-subexpression elimination
+            # cannot undo the recomputation, and the barrier would only slow it.
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         y, (state, cache) = jax.lax.scan(
             body, x, (params, state, keys, cache), length=n, unroll=unroll
         )
