@@ -394,6 +394,46 @@ def test_nonfinite_gradient_with_finite_loss_is_recorded(data):
             check_finite(new)
 
 
+@pytest.mark.parametrize("finite_check", ["concat", "per_leaf"])
+def test_both_finite_checks_give_the_same_verdict_and_state(data, finite_check):
+    # An infinite input value poisons step 2; either reduction catches it, the
+    # step is skipped, and the two runs' states agree bit for bit.
+    model = fnnet.models.mlp(CLASSES, hidden=(8,))
+    opt = optax.adam(1e-2)
+    x = data[0].at[2 * BATCH + 3, 5].set(jnp.inf)
+    state = init_state(model, opt, x[0], seed=0)
+    run = {
+        how: make_fused_steps(
+            make_train_step(
+                model, opt, softmax_cross_entropy, skip_nonfinite=True, finite_check=how
+            ),
+            (x, data[1]),
+            batch_size=BATCH,
+            num_steps=4,
+            shuffle=False,
+        )  # fmt: skip
+        for how in ("concat", finite_check)
+    }
+    want, got = run["concat"](state)[0], run[finite_check](state)[0]
+    assert int(got.nonfinite_step) == 2
+    assert_trees_equal(want, got)
+
+
+def test_the_per_leaf_check_copies_no_tree_and_a_bad_choice_is_refused(data, mlp):
+    opt = optax.adam(1e-2)
+    state = init_state(mlp, opt, data[0][0], seed=0)
+    batch = (data[0][:BATCH], data[1][:BATCH])
+
+    def primitives(how):
+        step = make_train_step(mlp, opt, softmax_cross_entropy, finite_check=how)
+        return str(jax.make_jaxpr(step)(state, batch))
+
+    assert "concatenate" in primitives("concat")
+    assert "concatenate" not in primitives("per_leaf")
+    with pytest.raises(ValueError, match=r"finite_check must be one of .*got 'leaf'"):
+        make_train_step(mlp, opt, softmax_cross_entropy, finite_check="leaf")
+
+
 def test_check_finite_names_the_replica():
     state = TrainState(
         params={},
