@@ -18,6 +18,7 @@ from typing import Any
 
 from experiments._config import ConfigError, TrainConfig, field_names, to_json
 from experiments._tasks import Task
+from fnnet.train._precision import describe_policy, resolve_policy
 
 
 def _describe_loader(loader: Callable) -> str:
@@ -66,6 +67,10 @@ class Run:
             "labels": self.labels,
             "task": _describe_loader(self.task),
         }
+        if self.classical is None and getattr(self.settings, "precision", None) == "auto":
+            # What "auto" means here decides the results: float32 on the CPU,
+            # bfloat16 compute on an accelerator.
+            facts["precision"] = describe_policy(resolve_policy("auto"))
         text = json.dumps(facts, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 

@@ -392,6 +392,11 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
         _report.summary_table(rows, ["model", *labels], metric_columns, percent=percent),
         "",
     ]
+    precisions = sorted({r["precision"] for r in rows if r.get("precision")})
+    if precisions:
+        asked = getattr(p.config, "precision", None)
+        how = f" (precision={asked} on {env['backend']})" if asked == "auto" else ""
+        parts += [f"Precision of the fnnet models: {'; '.join(precisions)}{how}.", ""]
     if e.reference and not departures:  # published numbers only beside the same setting
         parts += ["## Reference", "", e.reference, ""]
     parts += ["## Plots", ""] + [f"![{n}]({n})" for n in plots] + [""]

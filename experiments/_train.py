@@ -135,6 +135,7 @@ def train_fnnet(
         callbacks=[_Advance(advance)],
         mesh=mesh,
         settings={"run": run.fingerprint()},
+        policy=s.precision,
         progress=False,
     )
     state = result.state
@@ -159,13 +160,14 @@ def train_fnnet(
     train_subset = (task.train[0][:limit], task.train[1][:limit])
     final_train = train.evaluate_replicas(
         model, state, train_subset, {"loss": train.softmax_cross_entropy, **metric_fns},
-        batch_size=EVAL_BATCH,
+        batch_size=EVAL_BATCH, policy=result.policy,
     )  # fmt: skip
     params = sum(int(np.prod(a.shape[1:])) for a in jax.tree.leaves(state.params))
     timing = {
         "train_seconds": round(result.seconds["train"], 3),
         "compile_seconds": round(result.seconds["compile"], 3),
         "seeds_in_program": s.seeds,
+        "precision": result.precision,
         "resumed_from": result.resumed_from,
     }
     what = np.reshape(_host(state.nonfinite_what), -1)

@@ -5,6 +5,7 @@ ignored eval_data without eval_every, fell back to one step per call, and resume
 checkpoint it found).
 """
 
+import inspect
 import json
 import pathlib
 import signal
@@ -302,6 +303,44 @@ def test_resume_with_a_changed_learning_rate_is_refused(tmp_path):
         _fit(checkpoint=tmp_path, steps=24, batch_size=32)
     with pytest.raises(train.ResumeError, match="seed"):
         _fit(checkpoint=tmp_path, steps=24, seed=1)
+
+
+def test_precision_auto_is_float32_on_the_cpu_and_bfloat16_trains_in_bfloat16(tmp_path):
+    # "auto" (the default) on the CPU is no casts at all: the run of policy=None, so a
+    # checkpoint written with policy=None resumes under the default.
+    first = _fit(checkpoint=tmp_path, steps=12, policy=None)
+    auto = _fit(checkpoint=tmp_path, steps=24)
+    assert auto.resumed_from == 12 and auto.policy is None and auto.precision == "float32"
+    # A different precision is a different run: refused, with the difference shown.
+    with pytest.raises(train.ResumeError, match="policy"):
+        _fit(checkpoint=tmp_path, steps=36, policy="bfloat16")
+    low = _fit(steps=12, policy="bfloat16", eval_data=HELD_OUT)
+    assert low.policy == train.Policy.bfloat16()
+    assert low.precision == "bfloat16 compute, float32 params, float32 outputs"
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(low.state.params))
+    # bfloat16 arithmetic, so the losses are near float32's but not equal to them.
+    want = [row["loss"] for row in first.history]
+    got = [row["loss"] for row in low.history]
+    assert got != want and np.allclose(got, want, rtol=0.05)
+    assert inspect.signature(train.fit).parameters["policy"].default == "auto"
+
+
+@pytest.mark.parametrize(
+    ("platform", "want"),
+    [("cpu", None), ("gpu", "bfloat16"), ("cuda", "bfloat16"), ("tpu", "bfloat16")],
+)
+def test_auto_precision_is_bfloat16_on_accelerators(platform, want):
+    from fnnet.train._precision import resolve_policy
+
+    resolved = resolve_policy("auto", platform)
+    assert resolved == (None if want is None else train.Policy.bfloat16())
+    assert resolve_policy("float32", platform) == train.Policy.float32()
+
+
+def test_an_unknown_precision_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"fit: policy must be one of \['auto', 'float32', 'bfl"):
+        _fit(checkpoint=tmp_path / "run", policy="bf16")
+    assert not (tmp_path / "run").exists()
 
 
 def test_resuming_a_finished_run_says_so_and_returns_it(tmp_path, capsys):

@@ -41,6 +41,7 @@ from fnnet.train._evaluate import _batch_sums
 from fnnet.train._fingerprint import data_fingerprint, differences, fingerprint
 from fnnet.train._inputs import check_labels, init_example
 from fnnet.train._lock import DirectoryLock, check_checkpoint_dir
+from fnnet.train._precision import Policy, describe_policy, resolve_policy
 from fnnet.train._sharding import make_sharded_steps, replicate, shard_state
 from fnnet.train._state import TrainState, init_replicas, init_state, set_hyperparams
 from fnnet.train._step import NonFiniteError, make_fused_steps, make_train_step
@@ -133,6 +134,10 @@ class FitResult:
       seconds: ``train`` (chunks, compilation excluded), ``compile`` and
         ``evaluate`` wall seconds.
       notices: the one-line notices ``fit`` printed (a reduced mesh, ...).
+      policy: the mixed-precision :class:`Policy` it trained and evaluated with
+        (``policy="auto"`` resolved), or None: no casts.
+      precision: that in words, ``"float32"`` or ``"bfloat16 compute, float32
+        params, float32 outputs"``.
     """
 
     state: TrainState
@@ -144,6 +149,8 @@ class FitResult:
     best_step: Any = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     notices: list[str] = dataclasses.field(default_factory=list)
+    policy: Policy | None = None
+    precision: str = ""
 
 
 # --- Checking what came, before any work -------------------------------------------------
@@ -510,7 +517,7 @@ def fit(
     callbacks: Sequence[Any] = (),
     mesh: Any = "auto",
     steps_per_call: int | None = None,
-    policy=None,
+    policy: Any = "auto",
     settings: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> FitResult:
@@ -561,7 +568,10 @@ def fit(
         batch; when neither divides, fewer devices are used, with a notice.
       steps_per_call: steps per compiled dispatch (default: about an epoch, cut
         so chunks end where evaluations and checkpoints fall).
-      policy: a mixed-precision ``Policy``.
+      policy: the precision: ``"auto"`` (bfloat16 compute with float32
+        parameters, outputs and normalization statistics on GPUs and TPUs;
+        float32 on the CPU), ``"float32"``, ``"bfloat16"``, a mixed-precision
+        ``Policy``, or None (no casts). The result's ``precision`` says which ran.
       settings: extra JSON-able facts stored in checkpoints and compared on resume.
       progress: a bar on a terminal, else a line every 30 seconds (process 0 only).
 
@@ -626,6 +636,8 @@ def fit(
     if hyperparams is not None and not isinstance(hyperparams, Mapping):
         raise TypeError(f"fit: hyperparams must be a dict name -> value, got {hyperparams!r}")
     where = place_run(mesh, replicas, batch_size)
+    platform = jax.default_backend() if where.mesh is None else where.mesh.devices.flat[0].platform
+    policy = resolve_policy(policy, platform, argument="fit: policy")
     example = jax.tree.map(lambda a: np.asarray(a[0]), x)
     check_labels(model, example, y, where="train_data")
     for name, (_, labels) in sets.items():
@@ -903,6 +915,8 @@ def _train(
         diverged=diverged if replicated else None,
         seconds={k: round(v, 6) for k, v in seconds.items()},
         notices=notices,
+        policy=policy,
+        precision=describe_policy(policy, state.params),
     )
     for callback in callbacks:
         on_end = getattr(callback, "on_end", None)

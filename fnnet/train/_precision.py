@@ -122,6 +122,63 @@ def policy_for_backend(platform: str | None = None) -> Policy:
     )
 
 
+# What fit's (and the runner's) policy argument takes by name.
+POLICY_NAMES = ("auto", "float32", "bfloat16")
+
+
+def resolve_policy(policy: Any, platform: str | None = None, *, argument: str = "policy"):
+    """``policy`` as fit uses it: a :class:`Policy`, or None for no casts at all.
+
+    Args:
+      policy: ``"auto"`` (:func:`policy_for_backend` of ``platform``, except that the
+        CPU's float32 is None: the model computes in its parameters' own dtype,
+        float32, with no casts), ``"float32"``, ``"bfloat16"`` (``Policy.float32()``,
+        ``Policy.bfloat16()``), a :class:`Policy`, or None.
+      platform: the platform the run computes on (default ``jax.default_backend()``).
+      argument: the name errors give the argument.
+
+    Raises:
+      ValueError: ``policy`` is none of these, naming ``argument``.
+    """
+    if policy is None or isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, str) and policy in POLICY_NAMES:
+        if policy == "float32":
+            return Policy.float32()
+        if policy == "bfloat16":
+            return Policy.bfloat16()
+        chosen = policy_for_backend(platform)
+        return None if chosen == Policy.float32() else chosen
+    raise ValueError(
+        f"{argument} must be one of {list(POLICY_NAMES)}, a fnnet.train.Policy or None, "
+        f"got {policy!r}"
+    )
+
+
+def describe_policy(policy: Policy | None, params: Any = None) -> str:
+    """A short phrase for summaries and logs: ``"float32"``, or ``"bfloat16 compute,
+    float32 params, float32 outputs"``.
+
+    Args:
+      policy: the policy, or None: no casts, so the model computes in the dtype(s)
+        of ``params``' floating leaves (``"float32"`` for fnnet's defaults).
+      params: the parameters, read only when ``policy`` is None.
+    """
+    if policy is None:
+        kinds = sorted(
+            {jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(params)
+             if jnp.issubdtype(leaf.dtype, jnp.floating)}
+        )  # fmt: skip
+        return "/".join(kinds) or "no casts"
+    names = {
+        key: jnp.dtype(getattr(policy, f"{key}_dtype")).name
+        for key in ("param", "compute", "output")
+    }
+    if len(set(names.values())) == 1:
+        return names["compute"]
+    return f"{names['compute']} compute, {names['param']} params, {names['output']} outputs"
+
+
 def apply_with_policy(
     model: Layer, policy: Policy, params: Any, state: Any, x: Any, **kwargs: Any
 ) -> tuple[Any, Any]:
