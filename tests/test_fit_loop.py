@@ -215,6 +215,52 @@ def test_per_replica_early_stopping_freezes_the_stopped_replica():
     assert last_step < 120 and int(result.state.step[1]) == last_step
 
 
+def _without_rates(history):
+    return [{k: v for k, v in row.items() if k != "steps_per_second"} for row in history]
+
+
+@pytest.mark.parametrize("mesh", [None, "auto"])
+def test_a_donating_fit_equals_one_that_keeps_its_state(tmp_path, mesh):
+    # The hard cases of giving the chunks the state's buffers: a replica frozen by
+    # early stopping (its rows are restored after each chunk), RestoreBest (it keeps
+    # params across chunks), checkpoints, evaluation; on one device and on eight.
+    noise = (DATA[0], np.random.default_rng(3).integers(0, 3, len(DATA[1])).astype(np.int32))
+    optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+    kw = {
+        "data": noise, "seed": [0, 1], "optimizer": optimizer, "steps": 36, "eval_every": 6,
+        "hyperparams": {"learning_rate": jnp.array([0.3, 0.0])}, "eval_data": HELD_OUT,
+        "early_stopping": train.EarlyStopping("eval_loss", patience=2), "mesh": mesh,
+    }  # fmt: skip
+    runs = {
+        donate: _fit(donate=donate, checkpoint=tmp_path / str(donate),
+                     callbacks=[train.RestoreBest("eval_loss", "min")], **kw)
+        for donate in (False, True)
+    }  # fmt: skip
+    kept, given = runs[False], runs[True]
+    assert given.stopped_early == kept.stopped_early and kept.stopped_early[1]
+    last = [max(row["step"] for row in kept.history if row["replica"] == r) for r in (0, 1)]
+    assert last[1] < last[0]  # replica 1 stood frozen while replica 0 trained on
+    assert given.best_step == kept.best_step
+    assert _without_rates(given.history) == _without_rates(kept.history)
+    for a, b in zip(_leaves(kept.state), _leaves(given.state)):
+        np.testing.assert_array_equal(a, b)
+    one = _fit(donate=True, steps=12)
+    assert _leaves(one.state) and all(np.isfinite(a).all() for a in _leaves(one.state.params))
+
+
+def test_a_donating_fit_that_diverges_says_its_state_was_given_away():
+    x = DATA[0].copy()
+    x[20] = np.nan
+    with pytest.raises(train.NonFiniteError) as info:
+        _fit(data=(x, DATA[1]), donate=True, shuffle=False)
+    assert info.value.last_finite_state is None
+    with pytest.raises(train.NonFiniteError) as kept:
+        _fit(data=(x, DATA[1]), donate=False, shuffle=False)
+    assert kept.value.last_finite_state is not None
+    with pytest.raises(TypeError, match="donate must be True, False or None"):
+        _fit(donate="yes")
+
+
 # --- Several devices (the suite runs with 8 simulated CPU devices) -----------------------
 
 

@@ -434,6 +434,31 @@ def test_the_per_leaf_check_copies_no_tree_and_a_bad_choice_is_refused(data, mlp
         make_train_step(mlp, opt, softmax_cross_entropy, finite_check="leaf")
 
 
+@pytest.mark.parametrize("how", ["one", "replicas", "vectorized"])
+def test_donated_fused_steps_equal_undonated_ones_bitwise(data, mlp_step, mlp, how):
+    opt = optax.adam(1e-2)
+    replicated = how != "one"
+    kw = {"batch_size": BATCH, "num_steps": 5, "replicated": replicated,
+          "vectorize_replicas": how == "vectorized"}  # fmt: skip
+
+    def fresh():
+        if replicated:
+            return init_replicas(mlp, opt, data[0][0], [0, 1, 2])
+        return init_state(mlp, opt, data[0][0], seed=0)
+
+    want, _ = make_fused_steps(mlp_step, data, **kw)(fresh())
+    given = fresh()
+    run = make_fused_steps(mlp_step, data, donate=True, **kw)
+    got, _ = run(given)
+    assert_trees_equal(want, got)
+    # The buffers were handed over: the state given is gone.
+    assert jax.tree.leaves(given.params)[0].is_deleted()
+    again, _ = run(got)
+    assert int(np.reshape(again.step, -1)[0]) == 10
+    with pytest.raises(TypeError, match="donate must be True or False"):
+        make_fused_steps(mlp_step, data, donate="yes", **kw)
+
+
 def test_check_finite_names_the_replica():
     state = TrainState(
         params={},

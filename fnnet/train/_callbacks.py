@@ -43,7 +43,9 @@ class Event:
       step: the steps done so far (the loop's count; a frozen replica's own
         ``state.step`` may be smaller).
       steps: the steps the run is to take in all.
-      state: the training state now (stacked replicas when ``replicas``).
+      state: the training state now (stacked replicas when ``replicas``). Under
+        ``fit(donate=True)`` (the default on GPUs and TPUs) the next chunk takes
+        its buffers: copy what a callback keeps (``jax.tree.map(jnp.copy, ...)``).
       rows: this chunk's history rows, one per replica.
       history: every row so far, restored ones included.
       replicas: the number of stacked replicas, or None for one run.
@@ -213,9 +215,10 @@ class RestoreBest:
         if self._best is None:
             worst = -math.inf if self.mode == "max" else math.inf
             shape = () if event.replicas is None else (event.replicas,)
+            # Copies: a donating fit hands the state's own buffers to the next chunk.
             self._best = {
-                "params": event.state.params,
-                "model_state": event.state.model_state,
+                "params": jax.tree.map(jnp.copy, event.state.params),
+                "model_state": jax.tree.map(jnp.copy, event.state.model_state),
                 "score": np.full(shape, worst, np.float32),
                 "step": np.full(shape, -1, np.int32),
             }

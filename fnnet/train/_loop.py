@@ -517,6 +517,7 @@ def fit(
     callbacks: Sequence[Any] = (),
     mesh: Any = "auto",
     steps_per_call: int | None = None,
+    donate: bool | None = None,
     policy: Any = "auto",
     settings: Mapping[str, Any] | None = None,
     progress: bool = True,
@@ -568,6 +569,13 @@ def fit(
         batch; when neither divides, fewer devices are used, with a notice.
       steps_per_call: steps per compiled dispatch (default: about an epoch, cut
         so chunks end where evaluations and checkpoints fall).
+      donate: give each chunk the training state's buffers (the state then
+        takes its memory once instead of twice; results bitwise the same).
+        None (the default): on GPUs and TPUs, not on the CPU. A donated state
+        lives only until the next chunk: a callback that keeps something of
+        ``event.state`` must copy it (``RestoreBest`` does), and a
+        :class:`NonFiniteError` carries no ``last_finite_state`` (restore the
+        last checkpoint instead).
       policy: the precision: ``"auto"`` (bfloat16 compute with float32
         parameters, outputs and normalization statistics on GPUs and TPUs;
         float32 on the CPU), ``"float32"``, ``"bfloat16"``, a mixed-precision
@@ -638,6 +646,10 @@ def fit(
     where = place_run(mesh, replicas, batch_size)
     platform = jax.default_backend() if where.mesh is None else where.mesh.devices.flat[0].platform
     policy = resolve_policy(policy, platform, argument="fit: policy")
+    if donate is None:
+        donate = platform != "cpu"
+    elif not isinstance(donate, bool):
+        raise TypeError(f"fit: donate must be True, False or None (by platform), got {donate!r}")
     example = jax.tree.map(lambda a: np.asarray(a[0]), x)
     check_labels(model, example, y, where="train_data")
     for name, (_, labels) in sets.items():
@@ -680,7 +692,8 @@ def fit(
             eval_every=eval_every,
             eval_batch_size=eval_batch_size, early_stopping=early_stopping, mode=mode,
             checkpoint=checkpoint, directory=directory, callbacks=callbacks, where=where,
-            steps_per_call=steps_per_call, policy=policy, run_identity=run_identity,
+            steps_per_call=steps_per_call, donate=donate, policy=policy,
+            run_identity=run_identity,
             settings=dict(settings or {}), progress=progress, notices=notices,
         )  # fmt: skip
     finally:
@@ -692,8 +705,8 @@ def _train(
     model, optimizer, loss_fn, data, sets, *, steps, batch_size, per_epoch, seed, replicas,
     hyperparams, vectorize_replicas, shuffle, metric_fns, eval_every, eval_batch_size,
     early_stopping, mode,
-    checkpoint, directory, callbacks, where, steps_per_call, policy, run_identity, settings,
-    progress, notices,
+    checkpoint, directory, callbacks, where, steps_per_call, donate, policy, run_identity,
+    settings, progress, notices,
 ) -> FitResult:  # fmt: skip
     primary = jax.process_index() == 0
     replicated = replicas is not None
@@ -718,7 +731,7 @@ def _train(
     intervals = [i for i in (eval_every, checkpoint and checkpoint.every) if i]
     chunk = steps_per_call or _chunk_length(steps, per_epoch, intervals)
     fused = {"batch_size": batch_size, "shuffle": shuffle, "replicated": replicated,
-             "vectorize_replicas": vectorize_replicas}  # fmt: skip
+             "vectorize_replicas": vectorize_replicas, "donate": donate}  # fmt: skip
     if where.mesh is not None:
         state = shard_state(state, where.mesh, replica_axis=where.replica_axis)
         placed_data = replicate(data, where.mesh)
@@ -831,7 +844,14 @@ def _train(
         length = _next_length(done, chunk, steps, intervals)
         chunk_clock = CompileClock()
         start = time.perf_counter()
-        before = state
+        stopped_now = np.asarray(stopping["stopped"]) if replicated else np.zeros(1, bool)
+        if not donate:
+            before = state
+        elif stopped_now.any():
+            # The chunk takes the state's buffers: keep a copy of the stopped replicas'.
+            before = _rows_of(state, np.flatnonzero(stopped_now))
+        else:
+            before = None
         with chunk_clock.running(), clock.running():
             state, chunk_metrics = program(length)(state)
             chunk_metrics = _host(chunk_metrics)
@@ -844,10 +864,10 @@ def _train(
         what = np.reshape(_host(state.nonfinite_what), -1)
         if not replicated and bad[0] >= 0:
             error = NonFiniteError(int(bad[0]), _WHAT.get(int(what[0]), "update"))
-            error.last_finite_state = before
+            error.last_finite_state = before  # None when the chunk was given it (donate)
             raise error
-        if replicated and any(stopping["stopped"]):
-            state = _freeze(state, before, np.asarray(stopping["stopped"]), where)
+        if replicated and stopped_now.any():
+            state = _freeze(state, before, stopped_now, where, kept_rows=donate)
         rows = []
         for r in range(count):
             if stopping["stopped"][r]:
@@ -953,13 +973,30 @@ def _model_identity(model: Layer, example: Any) -> dict:
     }
 
 
-def _freeze(state, before, stopped: np.ndarray, where: Placement):
-    """The stopped replicas as they were before the chunk, the others as they are now."""
+def _frozen_leaf(leaf) -> bool:
+    """Whether ``_freeze`` restores this leaf (arrays; PRNG keys stay as they are)."""
+    return hasattr(leaf, "ndim") and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _rows_of(state, rows: np.ndarray):
+    """Copies of the replicas ``rows`` of a stacked state (what ``_freeze`` restores)."""
+    return jax.tree.map(lambda a: a[rows] if _frozen_leaf(a) else a, state)
+
+
+def _freeze(state, before, stopped: np.ndarray, where: Placement, *, kept_rows: bool = False):
+    """The stopped replicas as they were before the chunk, the others as they are now.
+
+    ``before`` is the whole state before the chunk, or with ``kept_rows`` only the
+    stopped replicas' rows of it (``_rows_of``: the chunk was given the state).
+    """
     mask = jnp.asarray(stopped)
+    rows = np.flatnonzero(stopped)
 
     def pick(new, old):
-        if not hasattr(new, "ndim") or jnp.issubdtype(new.dtype, jax.dtypes.prng_key):
+        if not _frozen_leaf(new):
             return new
+        if kept_rows:
+            return new.at[rows].set(old)
         m = mask.reshape(mask.shape + (1,) * (new.ndim - 1))
         return jnp.where(m, old, new)
 

@@ -315,7 +315,7 @@ def make_sharded_steps(
       mesh, rule, batch_axis: as for :func:`sharded_step`.
       replica_axis: as for :func:`shard_state`; needs ``replicated=True``.
       **fused: ``batch_size``, ``num_steps``, ``shuffle``, ``replicated``,
-        ``vectorize_replicas``, ``canonical_convs``, passed to ``make_fused_steps``
+        ``vectorize_replicas``, ``canonical_convs``, ``donate``, passed to ``make_fused_steps``
         (replicas split over ``replica_axis`` are always vectorized).
 
     Returns:
