@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 Optimizer = Literal["adam", "adamw", "sgd"]
 Schedule = Literal["constant", "cosine"]
-Precision = Literal["auto", "float32", "bfloat16"]
+ComputeDtype = Literal["auto", "float32", "bfloat16"]
 
 
 def _whole(value: Any) -> bool:
@@ -79,9 +79,11 @@ class TrainConfig:
       vectorize_seeds: train the seeds side by side (``jax.vmap``; faster on the
         CPU for small dense models, each seed equal to its own run to float32
         rounding) instead of one after another (each seed bit for bit its own run).
-      precision: ``auto`` (bfloat16 compute with float32 parameters on GPUs and
-        TPUs, float32 on the CPU), ``float32`` or ``bfloat16``: ``fit``'s
-        ``policy``. Each summary states the precision its runs used.
+      compute_dtype: ``auto`` (bfloat16 compute with float32 parameters on GPUs
+        and TPUs, float32 on the CPU), ``float32`` or ``bfloat16``: ``fit``'s
+        ``policy``. Each summary states the precision its runs used. (Not the
+        command line's ``--precision``, which sets how float32 matrix products
+        are computed.)
     """
 
     models: tuple[str, ...] = ()
@@ -97,7 +99,7 @@ class TrainConfig:
     eval_every: int = 250
     shuffle: bool = True
     vectorize_seeds: bool = False
-    precision: Precision = "auto"
+    compute_dtype: ComputeDtype = "auto"
 
     def check(self) -> None:
         """Raises :class:`ConfigError` for values no run could use."""

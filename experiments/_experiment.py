@@ -67,7 +67,7 @@ class Run:
             "labels": self.labels,
             "task": _describe_loader(self.task),
         }
-        if self.classical is None and getattr(self.settings, "precision", None) == "auto":
+        if self.classical is None and getattr(self.settings, "compute_dtype", None) == "auto":
             # What "auto" means here decides the results: float32 on the CPU,
             # bfloat16 compute on an accelerator.
             facts["precision"] = describe_policy(resolve_policy("auto"))

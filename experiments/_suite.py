@@ -394,8 +394,8 @@ def write_reports(p: Plan, out: pathlib.Path) -> pathlib.Path:
     ]
     precisions = sorted({r["precision"] for r in rows if r.get("precision")})
     if precisions:
-        asked = getattr(p.config, "precision", None)
-        how = f" (precision={asked} on {env['backend']})" if asked == "auto" else ""
+        asked = getattr(p.config, "compute_dtype", None)
+        how = f" (compute_dtype={asked} on {env['backend']})" if asked == "auto" else ""
         parts += [f"Precision of the fnnet models: {'; '.join(precisions)}{how}.", ""]
     if e.reference and not departures:  # published numbers only beside the same setting
         parts += ["## Reference", "", e.reference, ""]

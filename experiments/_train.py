@@ -135,7 +135,7 @@ def train_fnnet(
         callbacks=[_Advance(advance)],
         mesh=mesh,
         settings={"run": run.fingerprint()},
-        policy=s.precision,
+        policy=s.compute_dtype,
         progress=False,
     )
     state = result.state

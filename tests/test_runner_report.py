@@ -77,18 +77,18 @@ def test_a_quick_summary_says_it_is_not_the_papers_setting_and_does_not_compare(
 
 def test_every_summary_and_row_states_the_precision_its_runs_used(quick_run):
     summary = (quick_run / "architectures" / "summary.md").read_text()
-    assert "Precision of the fnnet models: float32 (precision=auto on cpu)." in summary
+    assert "Precision of the fnnet models: float32 (compute_dtype=auto on cpu)." in summary
     rows = (quick_run / "architectures" / "results.csv").read_text().splitlines()
     column = rows[0].split(",").index("precision")
     assert {row.split(",")[column] for row in rows[1:]} == {"float32"}
 
 
-def test_precision_is_a_setting_with_three_choices_and_enters_the_fingerprint():
-    with pytest.raises(ConfigError, match=r"precision='fp16' is not valid; choose one of \['auto'"):
-        _suite.plan(["architectures"], {"precision": "fp16"})
+def test_compute_dtype_is_a_setting_with_three_choices_and_enters_the_fingerprint():
+    with pytest.raises(ConfigError, match=r"compute_dtype='fp16' is not valid; choose one of"):
+        _suite.plan(["architectures"], {"compute_dtype": "fp16"})
     (auto,) = _suite.plan(["architectures"], {"models": "mlp"})
-    (low,) = _suite.plan(["architectures"], {"models": "mlp", "precision": "bfloat16"})
-    assert low.runs[0].settings.precision == "bfloat16"
+    (low,) = _suite.plan(["architectures"], {"models": "mlp", "compute_dtype": "bfloat16"})
+    assert low.runs[0].settings.compute_dtype == "bfloat16"
     assert low.runs[0].fingerprint() != auto.runs[0].fingerprint()
 
 
