@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
+import shlex
+import string
 import subprocess
 import sys
 import tarfile
@@ -226,3 +229,53 @@ def test_the_install_command_runs_on_a_worker(launch, tmp_path, in_ubuntu, adds_
     ]
     assert ran[-1].startswith("python -c from fnnet import distributed")
     assert (home / "fnnet" / "fnnet" / "train" / "_sharding.py").is_file()
+
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# What the pages' shell variables stand for (docs/tpu.md sets them in "Before you start").
+SHELL_VARIABLES = {"PROJECT": "my-project", "ZONE": "us-west4-a", "NAME": "n", "TYPE": "v5e-4"}
+
+
+def _documented_launches():
+    """Each ``scripts/tpu_launch.sh ...`` line of a shell block in the docs, its
+    continuation lines joined and its trailing comment dropped."""
+    found = []
+    for page in PAGES:
+        for block in re.findall(r"```sh\n(.*?)```", page.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.partition(" #")[0].strip()
+                if line.startswith("scripts/tpu_launch.sh"):
+                    found.append(pytest.param(line, id=f"{page.name}: {line}"))
+    return found
+
+
+LAUNCHES = _documented_launches()
+
+
+def test_the_docs_show_every_action():
+    actions = {shlex.split(p.values[0])[1] for p in LAUNCHES}
+    assert actions == {"up", "run", "fetch", "down"}
+
+
+@pytest.mark.parametrize("line", LAUNCHES)
+def test_a_documented_launch_runs(launch, line):
+    """The command as a reader pastes it, against the script and the fake gcloud."""
+    args = shlex.split(string.Template(line).substitute(SHELL_VARIABLES))
+    code, err, calls = launch(*args[1:])
+    assert code == 0, err
+    assert calls and all(c[:2] == ["compute", "tpus"] for c in calls)
+    if args[1] == "run" and "--" in args:
+        remote = args[args.index("--") + 1 :]
+        prefix, _, sent = calls[-1][-1].partition(" && ")
+        assert prefix == "--command=cd ~/fnnet" and shlex.split(sent) == remote
+
+
+def test_the_settings_the_docs_name_are_the_scripts():
+    """``SPOT=1``, ``RUNTIME=...`` and the like in docs/tpu.md are variables the script reads."""
+    text = (ROOT / "docs" / "tpu.md").read_text()
+    section = text.partition("## With the launch script")[2].partition("\n## ")[0]
+    named = set(re.findall(r"`([A-Z_]+)=[^`]*`", section))
+    assert {"SPOT", "RUNTIME", "PYTHON"} <= named
+    script = SCRIPT.read_text()
+    unread = sorted(v for v in named if "${" + v + ":-" not in script)
+    assert not unread, f"docs/tpu.md names {unread}, which scripts/tpu_launch.sh never reads"
