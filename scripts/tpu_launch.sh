@@ -9,7 +9,7 @@
 #
 # up     asks for the TPU as a queued resource, waits until it is ACTIVE, then
 #        copies the committed tree of this checkout (git archive HEAD) to every
-#        worker and installs it there with jax[tpu] in ~/fnnet/.venv.
+#        worker and installs it there as .[experiments,tpu] in ~/fnnet/.venv.
 # run    runs COMMAND in ~/fnnet on every worker at once (default:
 #        .venv/bin/python -m experiments run all --out results); a multi-host
 #        slice needs the same command on every host.
@@ -19,9 +19,10 @@
 #
 # NAME defaults to fnnet-tpu, TYPE to v5litepod-8 (one v5e host, 8 chips).
 # Environment: RUNTIME (TPU software version; chosen from TYPE if unset),
-# SPOT=1 (request Spot capacity), PYTHON (interpreter on the workers,
-# default python3.11), WAIT_S (longest wait for the TPU, default 3600),
-# POLL_S (seconds between checks, default 30), GCLOUD (default gcloud).
+# SPOT=1 (request Spot capacity), PYTHON (interpreter on the workers, a name
+# python3.N with N >= 12, default python3.12), WAIT_S (longest wait for the
+# TPU, default 3600), POLL_S (seconds between checks, default 30), GCLOUD
+# (default gcloud).
 #
 # Written against the gcloud reference; not run against a real TPU by the
 # fnnet project (see docs/tpu.md).
@@ -56,7 +57,7 @@ fi
 extra=("$@")
 
 gcloud=${GCLOUD:-gcloud}
-python=${PYTHON:-python3.11}
+python=${PYTHON:-python3.12}
 where=(--project="$project" --zone="$zone")
 
 runtime_for() {
@@ -71,6 +72,22 @@ runtime_for() {
             exit 2
             ;;
     esac
+}
+
+check_python() {
+    # Checked here, by name, before a TPU is asked for: the workers install it with apt as
+    # python3.N and python3.N-venv. JAX 0.11 and later, and the libtpu they pin, need
+    # Python 3.12 or newer; under 3.11 pip would settle for JAX 0.10 and an older libtpu.
+    if [[ ! $python =~ ^python3\.([0-9]+)$ ]]; then
+        echo "tpu_launch.sh: PYTHON=$python is not a name like python3.12; the workers" \
+            "install it with apt as python3.N and python3.N-venv" >&2
+        exit 2
+    fi
+    if ((BASH_REMATCH[1] < 12)); then
+        echo "tpu_launch.sh: PYTHON=$python is older than Python 3.12, which JAX 0.11 and" \
+            "later (and their libtpu) need; use PYTHON=python3.12 or newer" >&2
+        exit 2
+    fi
 }
 
 on_all_workers() {
@@ -101,6 +118,7 @@ wait_until_active() {
 
 up() {
     local runtime spot=()
+    check_python
     runtime=${RUNTIME:-$(runtime_for "$type")} # separate from 'local', so a failure stops us
     [[ ${SPOT:-0} == 1 ]] && spot=(--spot)
     "$gcloud" compute tpus queued-resources create "$name" "${where[@]}" \
@@ -114,11 +132,14 @@ up() {
     archive=$staging/fnnet.tar.gz
     git -C "$root" archive --format=tar.gz -o "$archive" HEAD
     "$gcloud" compute tpus tpu-vm scp "$archive" "$name:" "${where[@]}" --worker=all
+    # Ubuntu 22.04's own archive stops at python3.11; the deadsnakes PPA has newer ones.
     on_all_workers "set -e
-        sudo apt-get -qq update && sudo apt-get -qq install -y $python $python-venv
+        sudo apt-get -qq update
+        apt-cache show $python >/dev/null 2>&1 || sudo add-apt-repository -y ppa:deadsnakes/ppa
+        sudo apt-get -qq install -y $python $python-venv
         rm -rf ~/fnnet && mkdir ~/fnnet && tar -xzf ~/fnnet.tar.gz -C ~/fnnet
         cd ~/fnnet && $python -m venv .venv
-        .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[experiments]' 'jax[tpu]'
+        .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[experiments,tpu]'
         .venv/bin/python -c 'from fnnet import distributed; print(distributed.require_backend(\"tpu\"))'"
 }
 

@@ -117,3 +117,18 @@ def test_library_extras_are_imported_lazily():
 def test_extras_cover_what_their_folder_imports(folder, extra):
     undeclared = _distributions(_imported(folder)) - _declared(*_extras(extra))
     assert not undeclared, f"{folder}/ imports {sorted(undeclared)}; add them to its extra"
+
+
+# fnnet's accelerator extras, each the jax extra of the same name: pip install ".[cuda12]".
+ACCELERATORS = ("tpu", "cuda12", "cuda13")
+
+
+@pytest.mark.parametrize("extra", ACCELERATORS)
+def test_accelerator_extras_are_jaxs_own(extra):
+    """``fnnet[tpu]`` is ``jax[tpu]`` from the jax that fnnet needs anyway, and so on. The
+    installed jax must provide that extra: pip only warns about one it does not know and
+    installs plain CPU jax, which a user finds out about when the run is on the CPU."""
+    (jax_bound,) = [r[len("jax") :] for r in PROJECT["dependencies"] if _name(r) == "jax"]
+    assert PROJECT["optional-dependencies"][extra] == [f"jax[{extra}]{jax_bound}"]
+    provided = metadata.metadata("jax").get_all("Provides-Extra")
+    assert extra in provided, f"jax {metadata.version('jax')} provides {sorted(provided)}"
