@@ -307,3 +307,35 @@ def test_set_matmul_precision():
 def test_init_distributed_wants_all_three_or_none():
     with pytest.raises(ValueError, match="together, or none of them"):
         distributed.init_distributed("127.0.0.1:1234")
+
+
+def test_a_constraint_inside_the_model_keeps_the_batch_split(mesh):
+    # A layer written for one example that pins its activation's sharding (features
+    # not split). Under the batch vmap without spmd_axis_name the constraint leaves
+    # the batch dimension open, for XLA to choose (features, even); with it, as fit
+    # passes it, the batch dimension is pinned to the mesh's data axis.
+    def pinned(h):
+        return jax.lax.with_sharding_constraint(h, NamedSharding(mesh, P(None)))
+
+    pin = fnnet.Layer(
+        lambda key, h: {}, lambda params, h, *, key=None, train=False: pinned(h), "pin"
+    )
+    model = fnnet.serial(fnnet.dense(32), pin, fnnet.relu(), fnnet.dense(3))
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    y = (np.arange(64) % 3).astype(np.int32)
+    opt = optax.sgd(0.1)
+
+    def pinned_batch_dims(spmd_axis_name):
+        step = train.make_train_step(
+            model, opt, train.softmax_cross_entropy, spmd_axis_name=spmd_axis_name
+        )
+        state = distributed.shard_state(train.init_state(model, opt, x[0], seed=0), mesh)
+        batch = jax.device_put((x, y), NamedSharding(mesh, P("data")))
+        text = jax.jit(distributed.sharded_step(step, mesh)).lower(state, batch).as_text()
+        # The constraint on the (batch 64, 32 features) activation, forward and backward.
+        lines = [l for l in text.splitlines() if "sharding_constraint" in l and "64x32" in l]
+        assert lines, "the activation's constraint is missing from the program"
+        return {l.split("<@mesh, [")[1].split(",")[0] for l in lines}
+
+    assert pinned_batch_dims(None) == {"{?}"}
+    assert pinned_batch_dims("data") == {'{"data"}'}

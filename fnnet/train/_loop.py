@@ -726,7 +726,7 @@ def _train(
     # train on: the whole stacked state is checkpointed, and checkpoints refuse NaN.
     step_fn = make_train_step(
         model, optimizer, loss_fn, policy=policy, metric_fns=metric_fns,
-        skip_nonfinite=replicated,
+        skip_nonfinite=replicated, spmd_axis_name=where.batch_axis,
     )  # fmt: skip
     intervals = [i for i in (eval_every, checkpoint and checkpoint.every) if i]
     chunk = steps_per_call or _chunk_length(steps, per_epoch, intervals)

@@ -197,6 +197,7 @@ def make_train_step(
     batch_axis: str = "batch",
     skip_nonfinite: bool = False,
     finite_check: str = "auto",
+    spmd_axis_name: Any = None,
 ) -> StepFn:
     """Builds the pure function ``step(state, batch) -> (state, metrics)``.
 
@@ -230,6 +231,11 @@ def make_train_step(
         the tree, and a leaf split over devices is not gathered, so use it
         under FSDP), or ``"auto"``: concat on the CPU, per leaf elsewhere. The
         verdict is the same either way.
+      spmd_axis_name: the mesh axis (or axes) the batch is split over, given to
+        the batch ``jax.vmap``: a sharding constraint inside the model, written
+        for one example, then keeps the batch dimension split over that axis
+        instead of gathering it (``fit`` passes its mesh's batch axis). None: no
+        mesh, or the batch is not split.
 
     Returns:
       ``step(state, batch)``, where ``batch = (x, y)`` has a leading batch axis on
@@ -269,9 +275,9 @@ def make_train_step(
 
         # The model's new state (BatchNorm statistics, reached by pmean over the
         # batch axis) is the same for every example: out_axes None says so.
-        output, new_model_state = jax.vmap(forward, axis_name=batch_axis, out_axes=(0, None))(
-            x, keys
-        )
+        output, new_model_state = jax.vmap(
+            forward, axis_name=batch_axis, out_axes=(0, None), spmd_axis_name=spmd_axis_name
+        )(x, keys)
         if policy is not None:
             output = policy.cast_output(output)
         loss = jnp.mean(jax.vmap(loss_fn)(output, y))
