@@ -56,6 +56,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="float32 matmul precision (jax_default_matmul_precision; see docs/tpu.md)",
     )
     run.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="keep compiled programs in DIR and reuse them in later runs (JAX's "
+        "persistent compilation cache; off by default)",
+    )
+    run.add_argument(
         "--distributed",
         action="store_true",
         help="join a multi-host run first (jax.distributed.initialize; on a TPU slice it "
@@ -168,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
             distributed.require_backend(args.device)
         if args.precision is not None:
             distributed.set_matmul_precision(args.precision)
+        if args.compile_cache is not None:
+            try:
+                distributed.use_compilation_cache(args.compile_cache)
+            except ValueError as e:
+                raise ValueError(f"--compile-cache: {e}") from None
         mesh = _mesh(args.mesh)
     except (distributed.BackendError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -320,3 +320,23 @@ def test_asking_for_absent_devices_is_an_error_not_a_cpu_run(capsys, tmp_path, f
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert not any(tmp_path.iterdir())
+
+
+def test_the_compile_cache_is_filled_once_and_reused(tmp_path):
+    # Opt-in: the first run writes its compiled programs to the cache; a second,
+    # fresh run of the same work finds every program there and adds none.
+    cache = tmp_path / "cache"
+    args = ("run", "architectures", "--quick", "models=linear", "seeds=1", "--no-progress",
+            "--compile-cache", str(cache))  # fmt: skip
+    first = _run_cli(*args, "--out", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries, "nothing was cached"
+    second = _run_cli(*args, "--out", str(tmp_path / "b"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    refused = _run_cli("run", "architectures", "--quick", "--compile-cache", str(blocker))
+    assert refused.returncode == 2
+    assert "--compile-cache: compilation cache" in refused.stderr and "is a file" in refused.stderr

@@ -33,6 +33,7 @@ from fnnet.distributed._platform import (
     is_primary,
     require_backend,
     set_matmul_precision,
+    use_compilation_cache,
 )
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "sharded_step",
     # Where a run executes: its backend, its processes, its matmul precision.
     "BackendError", "init_distributed", "is_primary", "require_backend", "set_matmul_precision",
+    "use_compilation_cache",
 ]  # fmt: skip
