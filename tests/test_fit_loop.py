@@ -389,6 +389,23 @@ def test_an_unknown_precision_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_unfinished_saves_of_any_step_are_removed_on_the_next_start(tmp_path, capsys):
+    _fit(checkpoint=tmp_path, steps=12)
+    # What killed saves leave (orbax's names, old and new): of a later step and of an
+    # earlier one, which orbax itself would clean only when saving that step again.
+    left = [tmp_path / "18.orbax-checkpoint-tmp-1733220000", tmp_path / "6.orbax-checkpoint-tmp"]
+    for path in left:
+        (path / "arrays").mkdir(parents=True)
+        (path / "arrays" / "part").write_bytes(b"half written")
+    kept = tmp_path / "notes.orbax-checkpoint-tmp"  # not a step's: not ours to delete
+    kept.mkdir()
+    result = _fit(checkpoint=tmp_path, steps=24)
+    assert result.resumed_from == 12
+    assert not any(path.exists() for path in left) and kept.exists()
+    err = capsys.readouterr().err
+    assert all(f"removed {path}, the unfinished save" in err for path in left)
+
+
 def test_resuming_a_finished_run_says_so_and_returns_it(tmp_path, capsys):
     first = _fit(checkpoint=tmp_path, steps=12)
     again = _fit(checkpoint=tmp_path, steps=12)

@@ -7,7 +7,8 @@ A :class:`CheckpointManager` owns one directory. Each save writes one step:
         commit_success.txt         orbax's commit marker
         state/                     the arrays, written by orbax (OCDBT + zarr)
         metadata/metadata.json     the record: caller's metadata, versions, spec, metrics
-      200.orbax-checkpoint-tmp/    an interrupted save: never listed, never restored
+      200.orbax-checkpoint-tmp/    an interrupted save: never listed, never restored,
+                                   removed by the next fit (remove_unfinished_saves)
       .fnnet-lock                  the lock of the run using it (``DirectoryLock``): ignored
 
 Orbax writes every step into a temporary directory and renames it into place on
@@ -74,6 +75,9 @@ _RESERVED = (
     "format", "step", "saved_at", "versions", "metrics", "spec", "structure", "record_crc32",
 )  # fmt: skip
 _STEP_NAME = re.compile(r"[0-9]+")
+# Orbax's temporary directory for a save in progress: "<step>.orbax-checkpoint-tmp",
+# with a timestamp suffix in newer versions.
+_UNFINISHED_NAME = re.compile(r"[0-9]+\.orbax-checkpoint-tmp(-[0-9]+)?")
 _DELETING = re.compile(r"\.[0-9]+\.fnnet-deleting")
 _MAX_LISTED = 20
 
@@ -209,6 +213,30 @@ class CheckpointManager:
             f"CheckpointManager({str(self.directory)!r}, keep={self.keep}, "
             f"best_metric={self.best_metric!r}, best_mode={self.best_mode!r})"
         )
+
+    def remove_unfinished_saves(self) -> list[pathlib.Path]:
+        """Deletes what saves killed before their commit left behind, whatever step.
+
+        Orbax writes a step into ``<step>.orbax-checkpoint-tmp...`` and renames it into
+        place when whole; a killed save leaves that directory, which orbax removes
+        only when the same step is saved again. Call this only while no other save
+        is under way in the directory (``fit`` holds its lock when it does).
+
+        Returns:
+          The paths removed (a link is unlinked, never followed).
+        """
+        removed = []
+        if not self.directory.is_dir():
+            return removed
+        for entry in sorted(self.directory.iterdir()):
+            if not _UNFINISHED_NAME.fullmatch(entry.name):
+                continue
+            if entry.is_symlink() or not entry.is_dir():
+                entry.unlink()
+            else:
+                shutil.rmtree(entry)
+            removed.append(entry)
+        return removed
 
     # Listing.
 

@@ -785,6 +785,11 @@ def _train(
     _callbacks.call(saved_callbacks, "on_start", event)
     if checkpoint is not None:
         manager = CheckpointManager(directory, keep=checkpoint.keep)
+        if primary:  # fit holds the directory's lock: no save of another run is under way
+            for path in manager.remove_unfinished_saves():
+                notice = f"fit: removed {path}, the unfinished save of an interrupted run"
+                notices.append(notice)
+                print(notice, file=sys.stderr)
         latest = manager.latest_step() if primary else None
         latest = _agree(-1 if latest is None else latest)
         if latest >= 0:
