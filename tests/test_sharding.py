@@ -339,3 +339,26 @@ def test_a_constraint_inside_the_model_keeps_the_batch_split(mesh):
 
     assert pinned_batch_dims(None) == {"{?}"}
     assert pinned_batch_dims("data") == {'{"data"}'}
+
+
+def test_a_data_parallel_fused_program_gathers_neither_the_dataset_nor_the_batch(mesh):
+    # fit's placement: the dataset replicated, the batch drawn inside the program and
+    # split over the data axis. Each device cuts its own rows of the batch from its
+    # own copy, so the compiled program moves no data between devices; only the
+    # gradients (and the finiteness flags, the loss) are all-reduced.
+    model = fnnet.models.mlp(CLASSES, hidden=(16,))
+    data = _data((24,))
+    opt = optax.adam(1e-2)
+    step = train.make_train_step(model, opt, train.softmax_cross_entropy)
+    placed = distributed.shard_state(train.init_state(model, opt, data[0][0], seed=0), mesh)
+    for shuffle in (True, False):
+        run = distributed.make_sharded_steps(
+            step, distributed.replicate(data, mesh), mesh, batch_size=BATCH, num_steps=2,
+            shuffle=shuffle,
+        )  # fmt: skip
+        text = run.lower(placed).compile().as_text()
+        moved = [
+            op for op in ("all-gather", "all-to-all", "collective-permute") if f" {op}(" in text
+        ]
+        assert not moved, f"shuffle={shuffle}: {moved}"
+        assert " all-reduce(" in text  # the gradients' mean: the check sees the program

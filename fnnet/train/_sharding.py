@@ -337,6 +337,7 @@ def make_sharded_steps(
         placed = state_sharding(new_state, mesh, rule, replica_axis=replica_axis)
         return jax.tree.map(_keep_placed, new_state, placed), metrics
 
+    run.lower = fused_run.lower  # the program, as make_fused_steps's run.lower gives it
     return run
 
 

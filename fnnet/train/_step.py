@@ -423,7 +423,10 @@ def make_fused_steps(
 
     Returns:
       ``run(state) -> (state, metrics)``, metrics stacked ``{name: (num_steps,)}``
-      (``{name: (replicas, num_steps)}`` when replicated).
+      (``{name: (replicas, num_steps)}`` when replicated). ``run.lower(state)`` is
+      the program lowered for ``state`` (``jax.stages.Lowered``: its
+      ``cost_analysis()``, or ``.compile()`` and that one's ``memory_analysis()``
+      and ``as_text()``), without running it.
     """
     if num_steps <= 0:
         raise ValueError(f"num_steps must be positive, got {num_steps}")
@@ -468,6 +471,9 @@ def make_fused_steps(
     def run(state: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
         return compiled(state, dataset)
 
+    # The program itself, for what XLA says of it (cost_analysis, memory_analysis,
+    # the compiled HLO): run.lower(state).compile().
+    run.lower = lambda state: compiled.lower(state, dataset)
     return run
 
 
