@@ -362,3 +362,44 @@ def test_a_data_parallel_fused_program_gathers_neither_the_dataset_nor_the_batch
         ]
         assert not moved, f"shuffle={shuffle}: {moved}"
         assert " all-reduce(" in text  # the gradients' mean: the check sees the program
+
+
+def _raw(leaf):
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(leaf))
+    return np.asarray(leaf)
+
+
+def test_a_state_born_sharded_equals_the_state_split_after_and_no_device_holds_it_all(mesh):
+    model = fnnet.models.mlp(CLASSES, hidden=(256, 256))
+    opt = optax.adam(1e-3)
+    x = jnp.zeros(128)
+    rule = distributed.fsdp_rule(mesh, min_size=1024)
+
+    def init():
+        return train.init_state(model, opt, x, seed=3)
+
+    want = distributed.shard_state(init(), mesh, rule)
+    got = distributed.init_sharded(init, mesh, rule)
+    _assert_sharded_as(got, distributed.state_specs(want, mesh, rule), mesh)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(_raw(a), _raw(b))
+    # The program writes each device's shards only: its per-device output is about
+    # an eighth of the state (the small leaves replicated), and it holds no copy.
+    total = sum(_raw(a).nbytes for a in jax.tree.leaves(want))
+    memory = jax.jit(init, out_shardings=distributed.state_sharding(want, mesh, rule))
+    analysis = memory.lower().compile().memory_analysis()
+    assert analysis.output_size_in_bytes < 0.2 * total
+    assert analysis.temp_size_in_bytes < 0.2 * total
+
+    seeds = list(range(8))
+    replicas = distributed.init_sharded(
+        lambda: train.init_replicas(model, opt, x, seeds), mesh, replica_axis="data"
+    )
+    split = distributed.shard_state(train.init_replicas(model, opt, x, seeds), mesh,
+                                    replica_axis="data")  # fmt: skip
+    for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(replicas)):
+        np.testing.assert_array_equal(_raw(a), _raw(b))
+        assert b.sharding.is_equivalent_to(a.sharding, a.ndim)
+    with pytest.raises(TypeError, match="init must return a TrainState"):
+        distributed.init_sharded(lambda: {"w": jnp.zeros(3)}, mesh)

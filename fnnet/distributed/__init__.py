@@ -18,6 +18,7 @@ trains on every local device by default; this package is its public face.
 from fnnet.distributed._mesh import mesh_from_spec
 from fnnet.train._sharding import (
     fsdp_rule,
+    init_sharded,
     make_sharded_steps,
     process_rows,
     replicate,
@@ -40,7 +41,8 @@ __all__ = [
     # Meshes and how parameters are split over them.
     "fsdp_rule", "mesh_from_spec", "state_sharding", "state_specs",
     # Placing state and data, and training on the mesh.
-    "make_sharded_steps", "process_rows", "replicate", "shard_data", "shard_state",
+    "init_sharded", "make_sharded_steps", "process_rows", "replicate", "shard_data",
+    "shard_state",
     "sharded_step",
     # Where a run executes: its backend, its processes, its matmul precision.
     "BackendError", "init_distributed", "is_primary", "require_backend", "set_matmul_precision",

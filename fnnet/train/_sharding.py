@@ -236,6 +236,40 @@ def shard_state(state: TrainState, mesh: Mesh, rule: Rule = None, *, replica_axi
     return place(state, state_sharding(state, mesh, rule, replica_axis=replica_axis))
 
 
+def init_sharded(
+    init: Callable[[], TrainState], mesh: Mesh, rule: Rule = None, *, replica_axis=None
+):
+    """Runs ``init`` as one program whose outputs are born split by ``rule``.
+
+    ``shard_state(init_state(...), mesh, rule)`` builds the whole state on one
+    device before splitting it, so a model too large for one device cannot start.
+    Here the state's shapes come from ``jax.eval_shape``, the same specs as
+    :func:`shard_state` give its output shardings, and XLA computes each device's
+    part where it lies: no device holds more than its own shards (plus what is
+    replicated).
+
+    Args:
+      init: a function of no arguments returning a :class:`TrainState`, for
+        example ``lambda: init_state(model, optimizer, example, seed=0)`` or
+        ``lambda: init_replicas(model, optimizer, example, seeds)``.
+      mesh, rule, replica_axis: as for :func:`shard_state`.
+
+    Returns:
+      The state, placed as ``shard_state(init(), mesh, rule, replica_axis=...)``
+      places it, and with its values.
+
+    Example::
+
+      state = init_sharded(lambda: init_state(model, adam, x[0], seed=0), mesh,
+                           fsdp_rule(mesh))
+    """
+    shapes = jax.eval_shape(init)
+    if not isinstance(shapes, TrainState):
+        raise TypeError(f"init_sharded: init must return a TrainState, got {type(shapes).__name__}")
+    sharding = state_sharding(shapes, mesh, rule, replica_axis=replica_axis)
+    return jax.jit(init, out_shardings=sharding)()
+
+
 # --- The step and the data --------------------------------------------------------------
 
 

@@ -164,7 +164,13 @@ _FAST_CPU_COMPILE = {"xla_llvm_disable_expensive_passes": True}
 
 
 def _compile_for_one_run(fn, *args):
-    """``jax.jit(fn)(*args)``, compiled for compile speed on the CPU (elsewhere as usual)."""
+    """``jax.jit(fn)(*args)``, compiled for compile speed on the CPU (elsewhere as usual).
+
+    Inside another program's trace (``init_sharded``, a user's ``jax.jit``) it is
+    traced as part of that program instead.
+    """
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+        return fn(*args)
     lowered = jax.jit(fn).lower(*args)
     if jax.default_backend() == "cpu":
         return lowered.compile(compiler_options=_FAST_CPU_COMPILE)(*args)
