@@ -194,3 +194,9 @@ def test_mfu_refuses_bad_values_by_name(args, name):
         train.mfu(*args)
     with pytest.raises(ValueError, match="devices must be a positive int"):
         train.mfu(1.0, 1.0, 1.0, devices=0)
+
+
+def test_compiled_flops_reads_a_program_compiled_elsewhere():
+    a, b = jnp.ones((64, 32)), jnp.ones((32, 16))
+    compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+    assert train.compiled_flops(compiled) == train.xla_flops(jnp.matmul, a, b) == 2 * 64 * 32 * 16

@@ -49,6 +49,7 @@ from fnnet.train._fingerprint import data_fingerprint, differences, fingerprint
 from fnnet.train._clock import CompileClock
 from fnnet.train._cost import (
     Peak,
+    compiled_flops,
     matmul_flops,
     mfu,
     peak_flops,
@@ -85,5 +86,6 @@ __all__ = [
     "data_fingerprint", "differences", "fingerprint",
     "CheckpointDirectoryError", "CheckpointLockedError", "DirectoryLock", "check_checkpoint_dir",
     # What a step costs: its FLOPs, the device's peak, and the fraction used.
-    "Peak", "matmul_flops", "mfu", "peak_flops", "transformer_lm_flops", "xla_flops",
+    "Peak", "compiled_flops", "matmul_flops", "mfu", "peak_flops", "transformer_lm_flops",
+    "xla_flops",
 ]  # fmt: skip

@@ -306,7 +306,12 @@ def xla_flops(fn: Callable, *args: Any, allow_loops: bool = False) -> float:
       ValueError: the compiled program has a loop and ``allow_loops`` is False, or
         XLA reports no FLOP count.
     """
-    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled_flops(jax.jit(fn).lower(*args).compile(), allow_loops=allow_loops)
+
+
+def compiled_flops(compiled: Any, *, allow_loops: bool = False) -> float:
+    """:func:`xla_flops` of a program already compiled (``jax.jit(f).lower(...).compile()``),
+    e.g. the one a benchmark or a training loop runs, so nothing compiles twice."""
     costs = compiled.cost_analysis()
     if isinstance(costs, (list, tuple)):
         costs = costs[0] if costs else {}
