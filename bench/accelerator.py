@@ -186,7 +186,7 @@ def _parse(argv):
         "--size", choices=list(SIZES), default="gpt2-small" if accelerator else "tiny"
     )
     parser.add_argument("--batch", type=int, default=None, help="sequences per step")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
     parser.add_argument("--repeats", type=int, default=5, help="rounds (medians are reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     parser.add_argument(
