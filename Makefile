@@ -72,6 +72,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.floor
 	$(PY) -m bench.train --repeats 3
 	$(PY) -m bench.runner --repeats 3 --steps 2000
+	$(PY) -m bench.accelerator --size tiny
 
 # What `make test` runs with: the interpreter and the libraries that decide the results.
 versions: $(TEST_STAMP)

@@ -4,7 +4,8 @@ One step is forward pass, error, backpropagation and update (:func:`make_train_s
 :func:`make_fused_steps` runs many of them in one compiled program with the data on
 the device; :func:`init_replicas` trains independent seeds side by side with
 ``jax.vmap``; :func:`fit` repeats the steps with logging, evaluation, early
-stopping and checkpoints (:class:`CheckpointManager`) that resume exactly.
+stopping and checkpoints (:class:`CheckpointManager`) that resume exactly;
+:func:`peak_flops`, :func:`matmul_flops` and :func:`mfu` say what a step costs.
 
 Training sits on ``fnnet.models`` and the layers. ``fit`` trains on every local
 device by default (``_sharding``, whose public face is ``fnnet.distributed``,
@@ -46,6 +47,15 @@ from fnnet.train._checkpoint import (
 from fnnet.train._lock import DirectoryLock, check_checkpoint_dir
 from fnnet.train._fingerprint import data_fingerprint, differences, fingerprint
 from fnnet.train._clock import CompileClock
+from fnnet.train._cost import (
+    Peak,
+    compiled_flops,
+    matmul_flops,
+    mfu,
+    peak_flops,
+    transformer_lm_flops,
+    xla_flops,
+)
 from fnnet.train._callbacks import Event, JsonLog, Progress, RestoreBest, TensorBoard
 from fnnet.train._loop import (
     Checkpoints,
@@ -75,4 +85,7 @@ __all__ = [
     # The run's identity: fingerprints of what determines it, and its checkpoint directory.
     "data_fingerprint", "differences", "fingerprint",
     "CheckpointDirectoryError", "CheckpointLockedError", "DirectoryLock", "check_checkpoint_dir",
+    # What a step costs: its FLOPs, the device's peak, and the fraction used.
+    "Peak", "compiled_flops", "matmul_flops", "mfu", "peak_flops", "transformer_lm_flops",
+    "xla_flops",
 ]  # fmt: skip
