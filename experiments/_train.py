@@ -168,6 +168,7 @@ def train_fnnet(
         "compile_seconds": round(result.seconds["compile"], 3),
         "seeds_in_program": s.seeds,
         "precision": result.precision,
+        **_rates(result, s, task),
         "resumed_from": result.resumed_from,
     }
     what = np.reshape(_host(state.nonfinite_what), -1)
@@ -199,6 +200,24 @@ def _host(value):
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(value, tiled=True))
     return np.asarray(value)
+
+
+def _rates(result, s, task) -> dict:
+    """Examples (tokens, for token ids) per second over all seeds' training, and the
+    MFU where fit knew the device's peak; absent when there is no time to divide by."""
+    seconds = result.seconds["train"]
+    if seconds <= 0:
+        return {}
+    examples = s.steps * s.batch_size * s.seeds / seconds
+    rates = {"examples_per_second": round(examples, 1)}
+    x = task.train[0]
+    if np.issubdtype(np.asarray(x).dtype, np.integer) and np.ndim(x) >= 2:
+        rates["tokens_per_second"] = round(examples * int(np.prod(np.shape(x)[1:])), 1)
+    cost = result.cost
+    if cost.get("flops_per_step") is not None:
+        flops = cost["flops_per_step"] * s.steps / seconds
+        rates["mfu"] = round(flops / (cost["peak_flops"] * cost["devices"]), 6)
+    return rates
 
 
 def count_fitted_numbers(estimator: Any) -> int | None:

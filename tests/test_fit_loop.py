@@ -406,6 +406,36 @@ def test_unfinished_saves_of_any_step_are_removed_on_the_next_start(tmp_path, ca
     assert all(f"removed {path}, the unfinished save" in err for path in left)
 
 
+def test_the_history_reports_examples_tokens_per_second_and_mfu_against_a_given_peak():
+    # The MLP 2 -> 8 -> 3 on batches of 16, by hand: forward 2*16*(2*8 + 8*3) = 1280;
+    # backward the two weight gradients 2*16*2*8 + 2*16*8*3 = 1280 and the hidden
+    # layer's input gradient 2*16*8*3 = 768 (the data's gradient is never needed).
+    result = _fit(peak_flops=1e12)
+    assert result.cost["flops_per_step"] == 1280 + 1280 + 768
+    assert result.cost["peak_flops"] == 1e12 and result.cost["peak_source"] == "argument"
+    for row in result.history:
+        assert row["examples_per_second"] == pytest.approx(16 * row["steps_per_second"])
+        assert row["mfu"] == pytest.approx(3328 * row["steps_per_second"] / 1e12)
+        assert "tokens_per_second" not in row  # real-valued inputs are not tokens
+    replicas = _fit(peak_flops=1e12, seed=[0, 1, 2])
+    assert replicas.cost["flops_per_step"] == 3 * 3328  # the program runs all three
+    # The CPU has no known peak: no MFU, and the reason, without counting anything.
+    plain = _fit()
+    assert (
+        plain.cost["flops_per_step"] is None and "unknown peak for cpu" in plain.cost["peak_source"]
+    )
+    assert all("mfu" not in row for row in plain.history)
+    # Token ids: tokens per second is examples per second times the sequence length.
+    ids = (np.random.default_rng(0).integers(0, 7, (96, 5)).astype(np.int32), DATA[1])
+    tokens = _fit(
+        model=fnnet.serial(fnnet.embedding(7, 4), fnnet.flatten(), fnnet.dense(3)), data=ids
+    )
+    row = tokens.history[-1]
+    assert row["tokens_per_second"] == pytest.approx(5 * row["examples_per_second"])
+    with pytest.raises(ValueError, match="peak_flops override"):
+        _fit(peak_flops=0)
+
+
 def test_resuming_a_finished_run_says_so_and_returns_it(tmp_path, capsys):
     first = _fit(checkpoint=tmp_path, steps=12)
     again = _fit(checkpoint=tmp_path, steps=12)

@@ -83,6 +83,32 @@ def test_every_summary_and_row_states_the_precision_its_runs_used(quick_run):
     assert {row.split(",")[column] for row in rows[1:]} == {"float32"}
 
 
+def test_each_row_states_its_throughput_and_the_mfu_where_a_peak_is_known(quick_run):
+    import csv
+    import types
+
+    import numpy as np
+
+    from experiments._train import _rates
+
+    with open(quick_run / "architectures" / "results.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["model"] == "cnn"]
+    for row in rows:  # steps=20, batch 100, seeds trained together in train_seconds
+        want = 20 * 100 * int(row["seeds_in_program"]) / float(row["train_seconds"])
+        assert float(row["examples_per_second"]) == pytest.approx(want, rel=0.01)
+        assert row.get("mfu", "") == ""  # the CPU has no known peak
+    # Where fit knew a peak: MFU over the seeds' whole training time.
+    result = types.SimpleNamespace(
+        seconds={"train": 2.0},
+        cost={"flops_per_step": 1e9, "peak_flops": 1e12, "devices": 4},
+    )
+    settings = types.SimpleNamespace(steps=100, batch_size=8, seeds=2)
+    tokens = types.SimpleNamespace(train=(np.zeros((10, 32), np.int32), None))
+    rates = _rates(result, settings, tokens)
+    assert rates == {"examples_per_second": 800.0, "tokens_per_second": 25600.0,
+                     "mfu": round(1e9 * 100 / 2.0 / 4e12, 6)}  # fmt: skip
+
+
 def test_compute_dtype_is_a_setting_with_three_choices_and_enters_the_fingerprint():
     with pytest.raises(ConfigError, match=r"compute_dtype='fp16' is not valid; choose one of"):
         _suite.plan(["architectures"], {"compute_dtype": "fp16"})

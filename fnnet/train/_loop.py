@@ -34,7 +34,7 @@ from jax.sharding import AxisType, Mesh
 
 from fnnet._src.layer import Layer
 from fnnet.models import build, config_of
-from fnnet.train import _callbacks
+from fnnet.train import _callbacks, _cost
 from fnnet.train._checkpoint import CheckpointError, CheckpointManager, load_metadata
 from fnnet.train._clock import CompileClock
 from fnnet.train._evaluate import _batch_sums
@@ -138,6 +138,11 @@ class FitResult:
         (``policy="auto"`` resolved), or None: no casts.
       precision: that in words, ``"float32"`` or ``"bfloat16 compute, float32
         params, float32 outputs"``.
+      cost: ``flops_per_step`` (the matrix products of one step of every
+        replica, forward and backward, from the step's jaxpr; counted only when
+        a peak is known, else None), ``peak_flops`` of one device (or None),
+        ``peak_source`` (where the peak came from, or why there is none) and
+        ``devices``.
     """
 
     state: TrainState
@@ -151,6 +156,7 @@ class FitResult:
     notices: list[str] = dataclasses.field(default_factory=list)
     policy: Policy | None = None
     precision: str = ""
+    cost: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # --- Checking what came, before any work -------------------------------------------------
@@ -520,6 +526,7 @@ def fit(
     donate: bool | None = None,
     policy: Any = "auto",
     settings: Mapping[str, Any] | None = None,
+    peak_flops: float | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Trains ``model`` for ``steps`` steps, in fused chunks, resuming if it can.
@@ -581,6 +588,9 @@ def fit(
         float32 on the CPU), ``"float32"``, ``"bfloat16"``, a mixed-precision
         ``Policy``, or None (no casts). The result's ``precision`` says which ran.
       settings: extra JSON-able facts stored in checkpoints and compared on resume.
+      peak_flops: one device's peak FLOP/s, for the history's ``mfu`` (default:
+        ``FNNET_PEAK_FLOPS``, else the vendor's dense bfloat16 figure for a known
+        GPU or TPU; the CPU has none, so its rows carry no ``mfu``).
       progress: a bar on a terminal, else a line every 30 seconds (process 0 only).
 
     Returns:
@@ -645,6 +655,8 @@ def fit(
         raise TypeError(f"fit: hyperparams must be a dict name -> value, got {hyperparams!r}")
     where = place_run(mesh, replicas, batch_size)
     platform = jax.default_backend() if where.mesh is None else where.mesh.devices.flat[0].platform
+    first_device = jax.devices()[0] if where.mesh is None else where.mesh.devices.flat[0]
+    peak = _cost.peak_flops(first_device, override=peak_flops)
     policy = resolve_policy(policy, platform, argument="fit: policy")
     if donate is None:
         donate = platform != "cpu"
@@ -692,7 +704,7 @@ def fit(
             eval_every=eval_every,
             eval_batch_size=eval_batch_size, early_stopping=early_stopping, mode=mode,
             checkpoint=checkpoint, directory=directory, callbacks=callbacks, where=where,
-            steps_per_call=steps_per_call, donate=donate, policy=policy,
+            steps_per_call=steps_per_call, donate=donate, policy=policy, peak=peak,
             run_identity=run_identity,
             settings=dict(settings or {}), progress=progress, notices=notices,
         )  # fmt: skip
@@ -705,7 +717,7 @@ def _train(
     model, optimizer, loss_fn, data, sets, *, steps, batch_size, per_epoch, seed, replicas,
     hyperparams, vectorize_replicas, shuffle, metric_fns, eval_every, eval_batch_size,
     early_stopping, mode,
-    checkpoint, directory, callbacks, where, steps_per_call, donate, policy, run_identity,
+    checkpoint, directory, callbacks, where, steps_per_call, donate, policy, peak, run_identity,
     settings, progress, notices,
 ) -> FitResult:  # fmt: skip
     primary = jax.process_index() == 0
@@ -728,6 +740,7 @@ def _train(
         model, optimizer, loss_fn, policy=policy, metric_fns=metric_fns,
         skip_nonfinite=replicated, spmd_axis_name=where.batch_axis,
     )  # fmt: skip
+    cost = _step_cost(step_fn, state, data, batch_size, replicated, peak, where)
     intervals = [i for i in (eval_every, checkpoint and checkpoint.every) if i]
     chunk = steps_per_call or _chunk_length(steps, per_epoch, intervals)
     fused = {"batch_size": batch_size, "shuffle": shuffle, "replicated": replicated,
@@ -883,6 +896,7 @@ def _train(
             for name, values in chunk_metrics.items():
                 row[name] = _json_number(float(np.mean(np.reshape(values, (count, -1))[r])))
             row["steps_per_second"] = length / max(elapsed, 1e-9)
+            row.update(_throughput(row["steps_per_second"], batch_size, cost, count))
             if replicated:
                 if bad[r] >= 0 and diverged[r] is None:
                     diverged[r] = int(bad[r])
@@ -942,6 +956,7 @@ def _train(
         notices=notices,
         policy=policy,
         precision=describe_policy(policy, state.params),
+        cost={k: v for k, v in cost.items() if k != "tokens_per_example"},
     )
     for callback in callbacks:
         on_end = getattr(callback, "on_end", None)
@@ -976,6 +991,47 @@ def _model_identity(model: Layer, example: Any) -> dict:
             for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)
         },
     }
+
+
+def _step_cost(step_fn, state, data, batch_size, replicated, peak, where) -> dict[str, Any]:
+    """What ``_throughput`` needs: the step's FLOPs (when a peak makes them useful),
+    the peak, the devices, and the tokens in one example (None: not token ids)."""
+    first = jax.tree.leaves(data[0])[0]
+    tokens = None
+    if jnp.issubdtype(first.dtype, jnp.integer) and first.ndim >= 2:
+        tokens = int(np.prod(first.shape[1:]))  # an example of token ids (seq,)
+    devices = 1 if where.mesh is None else int(where.mesh.devices.size)
+    flops, source = None, peak.source
+    if peak.flops is not None:
+
+        def struct(a, lead=(), drop=0):
+            return jax.ShapeDtypeStruct((*lead, *np.shape(a)[drop:]), a.dtype)
+
+        one = jax.tree.map(lambda a: struct(a, drop=int(replicated)), state)
+        batch = jax.tree.map(lambda a: struct(a, (batch_size,), drop=1), data)
+        replicas = np.shape(state.step)[0] if replicated else 1
+        try:
+            flops = _cost.matmul_flops(step_fn, one, batch) * replicas
+        except ValueError as e:  # a while_loop: no trip count, so no count and no MFU
+            source = f"{peak.source}; the step's FLOPs are unknown: {e}"
+    return {
+        "flops_per_step": flops, "peak_flops": peak.flops, "peak_source": source,
+        "devices": devices, "tokens_per_example": tokens,
+    }  # fmt: skip
+
+
+def _throughput(steps_per_second: float, batch_size: int, cost, replicas: int) -> dict:
+    """A history row's rates: examples (and tokens) per second of one replica, and
+    the MFU of the whole program where the step's FLOPs and a peak are known."""
+    rates = {"examples_per_second": steps_per_second * batch_size}
+    if cost["tokens_per_example"] is not None:
+        rates["tokens_per_second"] = rates["examples_per_second"] * cost["tokens_per_example"]
+    if cost["flops_per_step"] is not None:
+        rates["mfu"] = _cost.mfu(
+            cost["flops_per_step"], 1.0 / max(steps_per_second, 1e-12), cost["peak_flops"],
+            cost["devices"],
+        )  # fmt: skip
+    return rates
 
 
 def _frozen_leaf(leaf) -> bool:
