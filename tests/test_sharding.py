@@ -284,6 +284,23 @@ def test_sharded_checkpoint_restores_with_its_shardings(mesh, tmp_path):
     assert plain.params["hidden_0"]["w"].sharding.num_devices == 1
 
 
+def test_a_checkpoint_saved_on_eight_devices_restores_onto_four_and_onto_one(mesh, tmp_path):
+    model = fnnet.models.mlp(CLASSES, hidden=(16,))
+    state = train.init_state(model, optax.adam(1e-2), jnp.zeros(24), seed=0)
+    saved = distributed.shard_state(state, mesh, distributed.fsdp_rule(mesh, min_size=64))
+    manager = train.CheckpointManager(tmp_path)
+    manager.save(0, saved, metadata={})
+    four = distributed.mesh_from_spec("data=4", devices=jax.devices()[4:])
+    for target in (
+        distributed.shard_state(state, four, distributed.fsdp_rule(four, min_size=64)),
+        jax.device_put(state, jax.devices()[3]),
+    ):
+        restored, _ = manager.restore(target=target)
+        for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(restored)):
+            assert b.sharding == a.sharding  # placed as the target is, not as saved
+            np.testing.assert_array_equal(_raw(a), _raw(b))
+
+
 def test_require_backend():
     assert distributed.require_backend("cpu") == jax.devices()
     for name in ("tpu", "gpu"):

@@ -383,10 +383,11 @@ class CheckpointManager:
             changed by a restore, failed or not.
           target: a pytree with the structure, shapes and dtypes to restore into:
             concrete arrays, or ``jax.ShapeDtypeStruct`` leaves from
-            ``jax.eval_shape``. Leaves come back as JAX arrays on the default device
-            (NumPy arrays where the target leaf is a NumPy array or scalar, or where
-            JAX cannot hold the dtype), or with the target leaf's sharding where it
-            spans several devices (a state placed by ``shard_state``). Without a
+            ``jax.eval_shape``. A leaf comes back with the target leaf's sharding
+            where it has one (a state placed by ``shard_state`` on any mesh, whatever
+            mesh it was saved from, or an array on one device), else as a JAX array on
+            the default device (a NumPy array where the target leaf is a NumPy array
+            or scalar, or where JAX cannot hold the dtype). Without a
             target the saved structure is rebuilt from the record: dicts, lists,
             tuples and None as saved; NamedTuples as their original class when its
             module is already imported (else a look-alike namedtuple); other pytree
@@ -946,7 +947,7 @@ def _verify_arrays(record: dict, values: dict[str, Any], where: pathlib.Path) ->
 def _restored_leaf(value: Any, target_leaf: Any) -> Any:
     """``value`` as the kind of leaf ``target_leaf`` is (see ``restore``)."""
     sharding = getattr(target_leaf, "sharding", None)
-    if isinstance(sharding, jax.sharding.Sharding) and len(sharding.device_set) > 1:
+    if isinstance(sharding, jax.sharding.Sharding):  # placed as the target is: any mesh, any device
         return place(value, sharding)
     if _is_key(getattr(value, "dtype", None)):
         return value
