@@ -16,11 +16,13 @@ Only floating-point leaves are cast: integer token ids, class labels and PRNG
 keys pass through. Gradients taken through a cast come back in the dtype of
 what was cast, so the gradients of float32 params are float32.
 
-fnnet's normalization layers compute their statistics in float32 whatever
-their input (and return float32), and a dense layer computes in the common
-dtype of its input and weights; so under the bfloat16 policy the matrix
-products that follow a normalization run in float32. The policy decides what
-goes in; the layers keep the numerically delicate parts accurate.
+fnnet's normalization layers compute their statistics (mean, variance) in
+float32 whatever their input and hand back the input's dtype, so under the
+bfloat16 policy the matrix products that follow a normalization still run in
+bfloat16; the attention's softmax runs in float32 inside
+``jax.nn.dot_product_attention``; a dense layer computes in the common dtype of
+its input and weights. The policy decides what goes in; the layers keep the
+numerically delicate parts accurate.
 
 A policy is static configuration: close over it (or mark it static), do not
 pass it through ``jax.jit`` as an argument.
