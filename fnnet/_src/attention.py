@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from fnnet._src import checks, errors
+from fnnet._src.attention_core import attend
 from fnnet._src.checks import compute_dtype
 from fnnet._src.layer import Layer
 
@@ -86,6 +87,18 @@ def _user_mask(mask, seq: int, kv_seq: int) -> jax.Array:
     return mask if mask.ndim == 2 else jnp.broadcast_to(mask[None], (seq, kv_seq))
 
 
+def _user_length(length) -> jax.Array:
+    """An int scalar ``length`` as int32."""
+    length = jnp.asarray(length)
+    if length.shape != () or not jnp.issubdtype(length.dtype, jnp.integer):
+        errors.fail(
+            _KIND,
+            "expected length to be an int scalar (the number of leading key positions "
+            f"that may be attended), got {length.dtype} of shape {length.shape}",
+        )
+    return length.astype(jnp.int32)
+
+
 def multi_head_attention(
     num_heads: int,
     *,
@@ -103,12 +116,16 @@ def multi_head_attention(
     """Multi-head scaled dot-product attention, ``softmax(q k^T / sqrt(head_dim)) v``.
 
     ``init(key, x, *, context=None)`` and
-    ``apply(params, x, *, key=None, train=False, context=None, mask=None, cache=None)``.
-    Pass ``context`` to both for cross-attention.
+    ``apply(params, x, *, key=None, train=False, context=None, mask=None, length=None,
+    cache=None)``. Pass ``context`` to both for cross-attention.
 
     Masks. ``mask`` is boolean with True meaning "may attend": ``(kv_seq,)`` masks
     key/value positions for every query (padding), ``(seq, kv_seq)`` masks each
-    query separately. It is combined (logical and) with the causal mask, under which
+    query separately. ``length``, an int scalar, says the same as the padding mask
+    ``jnp.arange(kv_seq) < length`` (the first ``length`` keys are real), and is
+    the cheaper form: the kernel gets it as a sequence length and builds no mask
+    (see :mod:`fnnet._src.attention_core`). Both are combined (logical and) with
+    each other and with the causal mask, under which
     query ``i`` sees keys ``j <= i``. A query row whose every key is masked out has no
     defined softmax; its attention result is set to zero, so its output is just the
     output bias (finite, with finite gradients on the default XLA path).
@@ -127,7 +144,7 @@ def multi_head_attention(
     self-attention only. ``seq > max_len`` is rejected when tracing; a traced
     ``index`` cannot be checked then, so a call with ``index + seq > max_len``
     returns NaN outputs instead of silently overwriting the cache's last positions.
-    ``mask`` then has ``kv_seq = max_len``.
+    ``mask`` then has ``kv_seq = max_len`` and ``length`` counts cache positions.
 
     Args:
       num_heads: number of query heads.
@@ -212,7 +229,9 @@ def multi_head_attention(
             params["out"]["b"] = jnp.zeros((out,), param_dtype)
         return params
 
-    def apply(params, x, *, key=None, train=False, context=None, mask=None, cache=None):
+    def apply(
+        params, x, *, key=None, train=False, context=None, mask=None, length=None, cache=None
+    ):
         # Every check is static and comes first: misuse fails before any computation.
         _check_sequence(x, "input")
         _check_width(x, params["q"]["w"].shape[0], "input")
@@ -233,6 +252,7 @@ def multi_head_attention(
         source = x if context is None else context
         kv_seq = source.shape[0] if cache is None else cache["k"].shape[0]
         user_mask = None if mask is None else _user_mask(mask, seq, kv_seq)  # (seq, kv_seq)
+        length = None if length is None else _user_length(length)  # int32 ()
         dropping = train and dropout_rate > 0
         if dropping and key is None:
             errors.fail(
@@ -263,16 +283,32 @@ def multi_head_attention(
         # Query at position p sees keys at positions <= p (in a cache this also hides
         # the unwritten tail).
         below = jnp.arange(kv_seq, dtype=positions.dtype)[None, :] <= positions[:, None]
-        if cache is None:
-            allowed, is_causal = user_mask, causal  # the kernel applies causality itself
-        else:
-            allowed = below if user_mask is None else below & user_mask
+        # The kernel is told the pattern in its cheapest exact form: causality as
+        # is_causal, a prefix of valid keys as a length, and only the rest as a mask.
+        allowed, kv_length, is_causal = user_mask, length, causal
+        if cache is not None:
+            # Queries start at `index`, not 0, so is_causal (j <= i) does not apply.
             is_causal = False
-        h = _attend(q, k, v, allowed, is_causal, implementation)  # (seq, heads, head_dim)
+            if seq == 1:
+                # One query at position `index` sees the first index + 1 keys: a length.
+                stop = positions[0] + 1
+                kv_length = stop if length is None else jnp.minimum(length, stop)
+            else:
+                allowed = below if user_mask is None else below & user_mask
+        h = attend(q, k, v, allowed, kv_length, is_causal=is_causal, implementation=implementation)
+        # (seq, heads, head_dim)
+        # A fully masked row has no softmax; define its attention result as zero.
+        live = None  # (seq,): whether each query sees any key
         if user_mask is not None:
-            # A fully masked row has no softmax; define its attention result as zero.
-            live = user_mask & below if causal else user_mask
-            h = jnp.where(jnp.any(live, axis=-1)[:, None, None], h, jnp.zeros_like(h))
+            visible = user_mask & below if causal else user_mask
+            if length is not None:
+                visible = visible & (jnp.arange(kv_seq) < length)[None, :]
+            live = jnp.any(visible, axis=-1)
+        elif length is not None:
+            # Causality never hides key 0, so only a length <= 0 empties a row.
+            live = jnp.broadcast_to(length > 0, (seq,))
+        if live is not None:
+            h = jnp.where(live[:, None, None], h, jnp.zeros_like(h))
         if dropping:
             keep = jax.random.bernoulli(key, 1.0 - dropout_rate, h.shape)
             h = jnp.where(keep, h / jnp.asarray(1.0 - dropout_rate, h.dtype), jnp.zeros_like(h))
@@ -324,16 +360,3 @@ def _write(cache, k, v) -> dict:
         "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(dtype), start),
         "index": index + jnp.int32(k.shape[0]),
     }
-
-
-def _attend(q, k, v, mask, is_causal: bool, implementation):
-    """(seq, heads, head_dim), (kv_seq, kv_heads, head_dim) x2 -> (seq, heads, head_dim)."""
-    if mask is not None:
-        mask = mask[None, None]  # (1, 1, seq, kv_seq): shared by the batch and the heads
-    # JAX's kernel mixes its float32 scale into bfloat16 inputs; allow that here so
-    # callers under strict dtype promotion can still run bfloat16 attention.
-    with jax.numpy_dtype_promotion("standard"):
-        out = jax.nn.dot_product_attention(
-            q[None], k[None], v[None], mask=mask, is_causal=is_causal, implementation=implementation
-        )
-    return out[0]
