@@ -42,8 +42,9 @@ def transformer_block(
 ) -> Layer:
     """A pre-norm transformer block: self-attention and an MLP, each in a residual.
 
-    ``apply(params, x, *, key=None, train=False, mask=None, cache=None)``; ``mask``
-    and ``cache`` go to the attention (see :func:`fnnet.multi_head_attention`), and
+    ``apply(params, x, *, key=None, train=False, mask=None, length=None, cache=None)``;
+    ``mask``, ``length`` and ``cache`` go to the attention (see
+    :func:`fnnet.multi_head_attention`), and
     with a ``cache`` the block returns ``(y, new_cache)``. Dropout (in training,
     with a ``key``) acts on each residual branch's output before it is added.
 
@@ -91,12 +92,13 @@ def transformer_block(
             )
         return serial(up=dense(hidden), act=act, down=dense(features), kind="mlp")
 
-    def forward(call, x, *, mask=None, cache=None):  # x: (seq, features)
+    def forward(call, x, *, mask=None, length=None, cache=None):  # x: (seq, features)
         checks.sequence(_KIND, x)
+        h = call("ln1", ln1, x)
         if cache is None:
-            branch = call("attn", attn, call("ln1", ln1, x), mask=mask)
+            branch = call("attn", attn, h, mask=mask, length=length)
         else:
-            branch, cache = call("attn", attn, call("ln1", ln1, x), mask=mask, cache=cache)
+            branch, cache = call("attn", attn, h, mask=mask, length=length, cache=cache)
         x = x + call("drop_attn", drop, branch).astype(x.dtype)
         branch = call("mlp", mlp_for(x.shape[-1]), call("ln2", ln2, x))  # (seq, features)
         x = x + call("drop_mlp", drop, branch).astype(x.dtype)

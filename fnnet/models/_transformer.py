@@ -86,7 +86,9 @@ def transformer_classifier(
 
     Input: ``(seq,)`` int ids with ``vocab``; else ``(seq,)`` or ``(seq, features)``
     real values. Keyword ``mask`` (``(seq,)`` bool, after patching: one per token)
-    excludes padding from attention and pooling.
+    excludes padding from attention and pooling; keyword ``length`` (an int: the
+    first ``length`` tokens, after patching, are real) does the same for padding at
+    the end, and lets the attention kernel take a sequence length instead of a mask.
     Output: ``(out_features,)``.
 
     Params: ``{"embed", ["position"], "blocks" (stacked, leading axis depth), "ln_f", "out"}``.
@@ -126,15 +128,20 @@ def transformer_classifier(
             )
         return jnp.reshape(x, (x.shape[0] // patch_size, -1))  # (tokens, patch_size * features)
 
-    def forward(call, x, *, mask=None):
+    def forward(call, x, *, mask=None, length=None):
         h = call("embed", embed, _tokens(x))  # (seq, features)
         if pos is not None:
             h = call("position", pos, h)
-        h = call("ln_f", ln_f, call("blocks", blocks, h, mask=mask))  # (seq, features)
-        if mask is None:
+        h = call("blocks", blocks, h, mask=mask, length=length)  # (seq, features)
+        h = call("ln_f", ln_f, h)
+        real = mask  # (seq,): the tokens that are pooled
+        if length is not None:
+            prefix = jnp.arange(h.shape[0]) < length
+            real = prefix if real is None else real & prefix
+        if real is None:
             pooled = jnp.mean(h, axis=0)  # (features,)
         else:
-            weights = mask.astype(h.dtype)[:, None]  # (seq, 1)
+            weights = real.astype(h.dtype)[:, None]  # (seq, 1)
             pooled = jnp.sum(h * weights, axis=0) / jnp.maximum(jnp.sum(weights), 1.0)
         return call("out", out, pooled)  # (out_features,)
 
