@@ -11,9 +11,17 @@ import numpy as np
 import pytest
 
 import fnnet
+from fnnet._src import attention_core
 
 BATCH, SEQ, FEATURES = 3, 5, 8
 LENGTHS = np.array([5, 2, 3], np.int32)  # one example without padding
+
+
+@pytest.fixture(autouse=True)
+def batched_backward(monkeypatch):
+    """Gradients here run the custom-batched backward pass that fnnet gives the cuDNN
+    kernel, with XLA's kernel (all a CPU has); one test restores the default."""
+    monkeypatch.setattr(attention_core, "_BATCHED_BACKWARD", (None, "xla", "cudnn"))
 
 
 # Test data is made and compared in NumPy: every eager jax.numpy operation here would
@@ -233,13 +241,14 @@ def _subprograms(value):
 
 
 def _kernel_calls(jaxpr) -> list[tuple[str, list]]:
-    """Every custom-batched call in a program (sub-programs included): its rule's
-    name and its operands' (shape, dtype)."""
+    """Every custom-batched call in a program (sub-programs included): "forward" (one
+    result) or "backward" (three: the q, k, v cotangents), and its operands' (shape,
+    dtype)."""
     calls = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "custom_vmap_call":
             operands = [(tuple(v.aval.shape), v.aval.dtype) for v in eqn.invars]
-            calls.append((str(eqn.params["rule"]), operands))
+            calls.append(("forward" if len(eqn.outvars) == 1 else "backward", operands))
         for value in eqn.params.values():
             for sub in _subprograms(value):
                 calls += _kernel_calls(sub)
@@ -263,7 +272,7 @@ def _program(layer, params, batched: dict, shared=None, grad=False, depth=1):
 
 
 def _forward_calls(calls):
-    return [operands for rule, operands in calls if "forward" in rule]
+    return [operands for role, operands in calls if role == "forward"]
 
 
 @pytest.mark.parametrize(
@@ -301,8 +310,7 @@ def test_kernel_call_shapes_under_nesting_sharing_and_grad(rng):
     assert q[0] == (2, BATCH, SEQ, 2, 4) and m[0] == (1, 1, SEQ, SEQ)
     # The gradient program: one forward and one backward call, both batched.
     calls = _kernel_calls(_program(layer, params, {"x": x[0]}, grad=True))
-    rules = sorted("forward" if "forward" in r else "backward" for r, _ in calls)
-    assert rules == ["backward", "forward"]
+    assert sorted(role for role, _ in calls) == ["backward", "forward"]
     assert all(operands[0][0] == (BATCH, SEQ, 2, 4) for _, operands in calls)
 
 
@@ -317,3 +325,16 @@ def test_decode_step_takes_a_length_not_a_mask(rng):
     for operands in calls:
         assert operands[0][0] == (BATCH, 1, 2, 4)
         assert [dtype for _, dtype in operands[3:]] == [jnp.int32]  # a length, no mask
+
+
+def test_xla_gradients_by_default_keep_the_attention_weights(rng, monkeypatch):
+    """fnnet's default for XLA's kernel: the forward pass is custom-batched, and its
+    gradient is JAX's own batched vjp, which recomputes nothing."""
+    monkeypatch.setattr(attention_core, "_BATCHED_BACKWARD", ("cudnn",))
+    layer = fnnet.multi_head_attention(4, num_kv_heads=2, causal=True)
+    x = _inputs(rng)
+    params = _params(layer, x[0], rng)
+    mask = rng.random((BATCH, SEQ, SEQ)) < 0.7
+    _assert_routes_agree(layer, params, {"x": x, "mask": mask, "length": LENGTHS})
+    assert len(_forward_calls(_kernel_calls(_program(layer, params, {"x": x})))) == 1
+    assert _kernel_calls(_program(layer, params, {"x": x}, grad=True)) == []

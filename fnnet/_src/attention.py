@@ -8,11 +8,25 @@ fewer key/value heads than query heads (grouped-query attention) query head ``n`
 reads key/value head ``n // (heads // kv_heads)``.
 
 The scores, masking and softmax are left to ``jax.nn.dot_product_attention``, so
-``implementation="cudnn"`` runs the fused cuDNN kernel on GPUs. Its XLA path
-computes the softmax in float32 whatever the input dtype: bfloat16 inputs gain
-precision there, and float64 inputs lose it (the attention weights are float32
-before they are cast back), so float64 attention agrees with a float64 reference
-to about 1e-7, not to float64 precision.
+``implementation="cudnn"`` runs the fused cuDNN kernel on GPUs (bfloat16 or float16
+inputs only, and a head_dim that is a multiple of 8 and at most 256 on Hopper and
+newer, 128 before; JAX raises otherwise). Under ``jax.vmap`` the kernel is called
+once for the whole batch, on ``(batch, seq, heads, head_dim)`` with nested ``vmap``
+axes folded into ``batch``, by a custom batching rule (see
+:mod:`fnnet._src.attention_core`); left to JAX's own batching, the cuDNN kernel
+fails with a mask and more than one head. The mask reaches the kernel in its
+cheapest exact form: causality as ``is_causal``; ``length`` (a prefix of real keys)
+and a one-token decoding step (which sees cache positions ``0 .. index``) as
+``key_value_seq_lengths``; only a ``mask`` argument or a several-token cache call
+(a prompt) as a boolean ``(batch, 1, seq, kv_seq)`` mask, shared by the heads (and
+``(1, 1, seq, kv_seq)`` when the vmap does not batch it). Reverse-mode gradients
+are one batched program too (for cuDNN, a custom-batched backward call); forward-mode
+ones (``jax.jvp``, ``jax.jacfwd``) are not supported.
+
+XLA's path computes the softmax in float32 whatever the input dtype: bfloat16
+inputs gain precision there, and float64 inputs lose it (the attention weights are
+float32 before they are cast back), so float64 attention agrees with a float64
+reference to about 1e-7, not to float64 precision.
 """
 
 from __future__ import annotations

@@ -15,11 +15,18 @@ there, so a mask shared by the whole batch reaches the kernel as
 broadcast over the heads, never copied per head.
 
 Differentiation. JAX cannot transpose a ``custom_vmap`` function, so :func:`attend`
-is a ``jax.custom_vjp`` whose forward and backward passes are each custom-batched
-the same way. The backward pass recomputes the forward one (``jax.vjp`` of the same
-kernel call) rather than keeping the attention weights, as flash attention does.
-Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not supported, as it
-is not for ``jax.nn.dot_product_attention(implementation="cudnn")`` either.
+is a ``jax.custom_vjp``. For the cuDNN kernel its forward and backward passes are
+each custom-batched the same way, and the backward pass recomputes the forward one
+(``jax.vjp`` of the same kernel call; a custom-batched result cannot carry the
+vjp's residuals, whose layout JAX chooses), as flash attention does. For XLA's
+kernel the forward pass of a gradient is ``jax.vjp`` of the one-example call, which
+JAX batches natively into the same single batched program and whose attention
+weights it keeps for the backward pass: recomputing them would change nothing in
+the compiled program on the CPU (XLA merges the two), but it would add the
+attention's forward products to the jaxpr that ``fnnet.train.matmul_flops``, and so
+the MFU, count. Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not
+supported, as it is not for ``jax.nn.dot_product_attention(implementation="cudnn")``
+either.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+# The implementations whose gradient is custom-batched too (see the module docstring).
+_BATCHED_BACKWARD = ("cudnn",)
 
 
 def attend(q, k, v, mask, length, *, is_causal: bool, implementation) -> jax.Array:
@@ -46,7 +56,8 @@ def attend(q, k, v, mask, length, *, is_causal: bool, implementation) -> jax.Arr
     Returns:
       ``(seq, heads, head_dim)``.
     """
-    return _core(is_causal, implementation)(q, k, v, mask, length)
+    batched_backward = implementation in _BATCHED_BACKWARD
+    return _core(is_causal, implementation, batched_backward)(q, k, v, mask, length)
 
 
 def _add_axis(axis_size: int, in_batched, q, k, v, mask, length):
@@ -103,19 +114,31 @@ def _kernel(q, k, v, mask, length, *, is_causal: bool, implementation):
     return jnp.reshape(out, q.shape)
 
 
+def _custom_batched(fun):
+    """``fun(q, k, v, mask, length)``, batched by giving every operand the vmap's axis."""
+    batched = jax.custom_batching.custom_vmap(fun)
+
+    @batched.def_vmap
+    def rule(axis_size, in_batched, q, k, v, mask, length):
+        # Calling `batched` again, not `fun`: an enclosing vmap then adds its axis too.
+        return batched(*_add_axis(axis_size, in_batched, q, k, v, mask, length)), True
+
+    return batched
+
+
 @functools.cache
-def _core(is_causal: bool, implementation):
+def _core(is_causal: bool, implementation, batched_backward: bool):
     """The custom-batched, differentiable core for one static configuration."""
 
     def kernel(q, k, v, mask, length):
         return _kernel(q, k, v, mask, length, is_causal=is_causal, implementation=implementation)
 
-    forward = jax.custom_batching.custom_vmap(kernel)
+    forward = _custom_batched(kernel)
 
-    @forward.def_vmap
-    def forward_rule(axis_size, in_batched, q, k, v, mask, length):
-        # Calling `forward` again, not `kernel`: an enclosing vmap then adds its axis too.
-        return forward(*_add_axis(axis_size, in_batched, q, k, v, mask, length)), True
+    def kernel_vjp_out(q, k, v, mask, length):
+        return jax.vjp(lambda q, k, v: kernel(q, k, v, mask, length), q, k, v)[0]
+
+    forward_vjp = _custom_batched(kernel_vjp_out)
 
     def kernel_vjp(q, k, v, mask, length, g):
         _, pullback = jax.vjp(lambda q, k, v: kernel(q, k, v, mask, length), q, k, v)
@@ -138,10 +161,18 @@ def _core(is_causal: bool, implementation):
         return forward(q, k, v, mask, length)
 
     def core_fwd(q, k, v, mask, length):
-        return forward(q, k, v, mask, length), (q, k, v, mask, length)
+        if batched_backward:
+            # The output of jax.vjp's forward call, so that it is the very call the
+            # backward pass repeats (the same kernel mode), which XLA can merge.
+            return forward_vjp(q, k, v, mask, length), (q, k, v, mask, length)
+        out, pullback = jax.vjp(lambda q, k, v: kernel(q, k, v, mask, length), q, k, v)
+        return out, pullback
 
     def core_bwd(residuals, g):
-        return (*backward(*residuals, g), None, None)
+        if batched_backward:
+            return (*backward(*residuals, g), None, None)
+        with jax.numpy_dtype_promotion("standard"):
+            return (*residuals(g), None, None)
 
     core.defvjp(core_fwd, core_bwd)
     return core
