@@ -318,3 +318,25 @@ def test_a_source_of_another_batch_size_is_refused(files):
     folder, _ = files
     with pytest.raises(ValueError, match="batch_size=8, but train_data yields batches of 16"):
         _fit(_batches(folder), batch_size=8)
+
+
+def test_make_sharded_steps_on_a_source_splits_each_chunk_over_the_mesh(files):
+    from fnnet import distributed
+
+    folder, data = files
+    mesh = distributed.mesh_from_spec("data")
+    model = fnnet.models.mlp(2, (16,))
+    step = train.make_train_step(model, optax.sgd(0.1), train.softmax_cross_entropy)
+    start = train.init_state(model, optax.sgd(0.1), data[0][0], seed=SEED)
+    memory = distributed.make_sharded_steps(step, data, mesh, batch_size=BATCH, num_steps=4)
+    streamed = distributed.make_sharded_steps(step, _batches(folder, seed=SEED), mesh,
+                                              batch_size=BATCH, num_steps=4)  # fmt: skip
+    a = b = distributed.shard_state(start, mesh)
+    for _ in range(2):
+        a, _ = memory(a)
+        b, _ = streamed(b)
+    for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(u, v, rtol=2e-5, atol=2e-6)
+    ahead = streamed.feed._ahead[1]  # the third chunk, read while the second ran
+    assert ahead[0].shape == (4, BATCH, 6)
+    assert ahead[0].sharding.spec == jax.sharding.PartitionSpec(None, "data")
