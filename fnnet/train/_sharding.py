@@ -31,6 +31,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fnnet._src.placement import place
+from fnnet.train import _stream
 from fnnet.train._state import TrainState
 from fnnet.train._step import make_fused_steps
 
@@ -360,8 +361,6 @@ def make_sharded_steps(
     """
     if replica_axis is not None and not fused.get("replicated", False):
         raise ValueError("replica_axis splits stacked replicas: pass replicated=True as well")
-    from fnnet.train import _stream  # it builds on this module
-
     if _stream.is_source(dataset):
         step = sharded_step(step_fn, mesh, rule=rule, batch_axis=batch_axis)
         fused.pop("shuffle", None)  # the source's order is its own

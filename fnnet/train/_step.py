@@ -26,6 +26,7 @@ import optax
 
 from fnnet._src.conv_layout import canonicalize_convolutions
 from fnnet._src.layer import Layer
+from fnnet.train import _stream
 from fnnet.train._data import (
     batch_indices,
     epoch_orders,
@@ -437,8 +438,6 @@ def make_fused_steps(
     """
     if num_steps <= 0:
         raise ValueError(f"num_steps must be positive, got {num_steps}")
-    from fnnet.train import _stream  # it builds on this module
-
     if _stream.is_source(dataset):
         return _stream.streamed_steps(
             step_fn, dataset, batch_size=batch_size, num_steps=num_steps, replicated=replicated,

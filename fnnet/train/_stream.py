@@ -37,9 +37,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fnnet._src.conv_layout import canonicalize_convolutions
 from fnnet.train._data import epoch_order
 from fnnet.train._fingerprint import data_fingerprint
-from fnnet.train._step import _for_loops
 
 # The default chunk is cut so its batches take at most this much device memory
 # (and twice that with the next chunk in flight).
@@ -428,7 +428,12 @@ def streamed_program(
     Every replica of a stacked state trains on the same batches."""
     if not isinstance(donate, bool):
         raise TypeError(f"make_fused_steps: donate must be True or False, got {donate!r}")
-    step = _for_loops(step_fn, canonical_convs)
+    # As make_fused_steps does (fnnet.train._step imports this module, so the
+    # three lines are repeated rather than imported): the same arithmetic as the
+    # in-memory program, bit for bit.
+    if canonical_convs is None:
+        canonical_convs = jax.default_backend() == "cpu"
+    step = canonicalize_convolutions(step_fn) if canonical_convs else step_fn
 
     def fused(state, batches):
         return jax.lax.scan(step, state, batches)
