@@ -2,7 +2,8 @@
 
 One step is forward pass, error, backpropagation and update (:func:`make_train_step`);
 :func:`make_fused_steps` runs many of them in one compiled program with the data on
-the device; :func:`init_replicas` trains independent seeds side by side with
+the device, or on batches streamed from the host (:class:`NpyBatches` reads ``.npy``
+files); :func:`init_replicas` trains independent seeds side by side with
 ``jax.vmap``; :func:`fit` repeats the steps with logging, evaluation, early
 stopping and checkpoints (:class:`CheckpointManager`) that resume exactly;
 :func:`peak_flops`, :func:`matmul_flops` and :func:`mfu` say what a step costs.
@@ -47,6 +48,7 @@ from fnnet.train._checkpoint import (
 from fnnet.train._lock import DirectoryLock, check_checkpoint_dir
 from fnnet.train._fingerprint import data_fingerprint, differences, fingerprint
 from fnnet.train._clock import CompileClock
+from fnnet.train._stream import NpyBatches, SourceError
 from fnnet.train._cost import (
     Peak,
     compiled_flops,
@@ -88,4 +90,6 @@ __all__ = [
     # What a step costs: its FLOPs, the device's peak, and the fraction used.
     "Peak", "compiled_flops", "matmul_flops", "mfu", "peak_flops", "transformer_lm_flops",
     "xla_flops",
+    # Data streamed from the host: a reader of .npy files, and what a bad source raises.
+    "NpyBatches", "SourceError",
 ]  # fmt: skip

@@ -34,7 +34,7 @@ from jax.sharding import AxisType, Mesh
 
 from fnnet._src.layer import Layer
 from fnnet.models import build, config_of
-from fnnet.train import _callbacks, _cost
+from fnnet.train import _callbacks, _cost, _stream
 from fnnet.train._checkpoint import CheckpointError, CheckpointManager, load_metadata
 from fnnet.train._clock import CompileClock
 from fnnet.train._evaluate import _batch_sums
@@ -538,7 +538,15 @@ def fit(
       train_data: ``(x, y)`` with the examples on the leading axis; ``x`` may be
         a dict of arrays, whose entries reach the model as keyword inputs (see
         ``fnnet.train.split_inputs``: e.g. ``{"x": tokens, "lengths": lengths}``).
-        Moved to the devices once; batches are drawn there.
+        Moved to the devices once; batches are drawn there. Or a source of host
+        batches, for data that does not fit there (:class:`NpyBatches`, or any
+        iterator of ``(x, y)`` NumPy batches; see ``fnnet.train._stream``):
+        each chunk of steps then moves its batches at once, the next chunk's
+        while the devices compute; the order is the source's (``shuffle`` is
+        unused), every replica sees the same batches, and a checkpoint saves
+        and restores the source's ``get_state()`` (one without
+        ``get_state``/``set_state`` is refused with ``checkpoint``). A source
+        that ends before ``steps`` is an error naming the step.
       steps: total training steps (including any a checkpoint already holds).
       batch_size: examples per step (the ragged end of an epoch is dropped).
       seed: an int for one run, or a sequence of ints for as many replicas,
@@ -618,12 +626,17 @@ def fit(
             "fit: vectorize_replicas=True has no effect on one run; give several seeds "
             "(seed=[0, 1, 2]) or leave it out"
         )
-    x, y, num_examples = _pair(train_data, "train_data")
-    if batch_size > num_examples:
-        raise ValueError(
-            f"fit: batch_size {batch_size} exceeds the {num_examples} examples of train_data"
-        )
-    per_epoch = num_examples // batch_size
+    feed = None
+    if _stream.is_source(train_data):
+        feed, per_epoch = _stream.open_source(train_data, batch_size, checkpoint)
+        x, y = feed.first_batch
+    else:
+        x, y, num_examples = _pair(train_data, "train_data")
+        if batch_size > num_examples:
+            raise ValueError(
+                f"fit: batch_size {batch_size} exceeds the {num_examples} examples of train_data"
+            )
+        per_epoch = num_examples // batch_size
     sets = _eval_sets(eval_data)
     if eval_every is not None and not sets:
         raise ValueError(f"fit: eval_every={eval_every!r} was given without eval_data to evaluate")
@@ -631,6 +644,11 @@ def fit(
         raise ValueError("fit: eval_batch_size was given without eval_data to evaluate")
     eval_every = _positive_int(eval_every, "eval_every", optional=True)
     if sets and eval_every is None:
+        if per_epoch is None:
+            raise ValueError(
+                "fit: train_data is a source without steps_per_epoch, so say how often to "
+                "evaluate eval_data: eval_every=STEPS"
+            )
         eval_every = per_epoch
     eval_batch_size = _positive_int(eval_batch_size or batch_size, "eval_batch_size")
     metric_fns = dict(metric_fns or {})
@@ -680,7 +698,7 @@ def fit(
         "optimizer": fingerprint(optimizer),
         "loss": fingerprint(loss_fn),
         "metrics": sorted(metric_fns),
-        "data": data_fingerprint((x, y)),
+        "data": data_fingerprint((x, y)) if feed is None else _stream.identity(train_data, feed),
         "batch_size": batch_size,
         "seed": seed if replicas is None else seed.tolist(),
         "vectorize_replicas": vectorize_replicas,
@@ -698,10 +716,10 @@ def fit(
             lock.acquire()
     try:
         return _train(
-            model, optimizer, loss_fn, (x, y), sets, steps=steps, batch_size=batch_size,
-            per_epoch=per_epoch, seed=seed, replicas=replicas, hyperparams=hyperparams,
-            vectorize_replicas=vectorize_replicas, shuffle=shuffle, metric_fns=metric_fns,
-            eval_every=eval_every,
+            model, optimizer, loss_fn, (x, y) if feed is None else feed, sets, steps=steps,
+            batch_size=batch_size, per_epoch=per_epoch, seed=seed, replicas=replicas,
+            hyperparams=hyperparams, vectorize_replicas=vectorize_replicas, shuffle=shuffle,
+            metric_fns=metric_fns, eval_every=eval_every,
             eval_batch_size=eval_batch_size, early_stopping=early_stopping, mode=mode,
             checkpoint=checkpoint, directory=directory, callbacks=callbacks, where=where,
             steps_per_call=steps_per_call, donate=donate, policy=policy, peak=peak,
@@ -724,6 +742,7 @@ def _train(
     replicated = replicas is not None
     count = replicas or 1
     clock = CompileClock()
+    feed, data = (data, data.first_batch) if isinstance(data, _stream.Feed) else (None, data)
     x, _ = data
     example = jax.tree.map(lambda a: np.asarray(a[0]), x)
     with clock.running():
@@ -742,14 +761,18 @@ def _train(
     )  # fmt: skip
     cost = _step_cost(step_fn, state, data, batch_size, replicated, peak, where)
     intervals = [i for i in (eval_every, checkpoint and checkpoint.every) if i]
+    if feed is not None:  # a chunk of batches is on the devices: keep it small
+        per_epoch = min(per_epoch or math.inf, _stream.default_chunk(feed))
     chunk = steps_per_call or _chunk_length(steps, per_epoch, intervals)
     fused = {"batch_size": batch_size, "shuffle": shuffle, "replicated": replicated,
              "vectorize_replicas": vectorize_replicas, "donate": donate}  # fmt: skip
     if where.mesh is not None:
         state = shard_state(state, where.mesh, replica_axis=where.replica_axis)
-        placed_data = replicate(data, where.mesh)
+        placed_data = replicate(data, where.mesh) if feed is None else feed
     else:
-        placed_data = jax.device_put(data)
+        placed_data = jax.device_put(data) if feed is None else feed
+    if feed is not None:  # each chunk reads the next one ahead
+        feed.plan = lambda at: _next_length(at, chunk, steps, intervals) if at < steps else 0
     programs: dict[int, Callable] = {}
 
     def program(length: int) -> Callable:
@@ -815,6 +838,8 @@ def _train(
                 callback.load(saved)
             loop = record["loop"]
             done, resumed_from = int(loop["step"]), latest
+            if feed is not None:
+                feed.restore(loop["data"], done)
             history[:] = loop["history"]
             stopping = loop["stopping"]
             diverged = loop["diverged"]
@@ -847,6 +872,8 @@ def _train(
             "step": done, "history": history, "stopping": stopping, "diverged": diverged,
             "seconds": seconds,
         }  # fmt: skip
+        if feed is not None:
+            loop["data"] = feed.saved()  # where the source stands after step `done`
         tree = {"state": state, "callbacks": [c.save() for c in saved_callbacks]}
         metadata = {
             "run": run_identity,

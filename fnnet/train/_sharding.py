@@ -31,6 +31,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fnnet._src.placement import place
+from fnnet.train import _stream
 from fnnet.train._state import TrainState
 from fnnet.train._step import make_fused_steps
 
@@ -345,7 +346,9 @@ def make_sharded_steps(
       step_fn: ``step(state, batch)`` from ``make_train_step``.
       dataset: ``(x, y)`` arrays; NumPy arrays are replicated on every device of
         ``mesh`` (:func:`replicate`), ``jax.Array`` (from :func:`shard_data`) used
-        as placed.
+        as placed. Or a source of host batches (as for ``make_fused_steps``),
+        each process yielding its own rows of every batch: each chunk is
+        placed with its batch split over ``batch_axis``.
       mesh, rule, batch_axis: as for :func:`sharded_step`.
       replica_axis: as for :func:`shard_state`; needs ``replicated=True``.
       **fused: ``batch_size``, ``num_steps``, ``shuffle``, ``replicated``,
@@ -358,6 +361,19 @@ def make_sharded_steps(
     """
     if replica_axis is not None and not fused.get("replicated", False):
         raise ValueError("replica_axis splits stacked replicas: pass replicated=True as well")
+    if _stream.is_source(dataset):
+        step = sharded_step(step_fn, mesh, rule=rule, batch_axis=batch_axis)
+        fused.pop("shuffle", None)  # the source's order is its own
+
+        def keep(new_state):
+            placed = state_sharding(new_state, mesh, rule, replica_axis=replica_axis)
+            return jax.tree.map(_keep_placed, new_state, placed)
+
+        vectorize = fused.pop("vectorize_replicas", False) or replica_axis is not None
+        return _stream.streamed_steps(
+            step, dataset, sharding=_stream.batch_sharding(mesh, batch_axis),
+            keep_placed=keep, vectorize_replicas=vectorize, **fused,
+        )  # fmt: skip
     if not all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(dataset)):
         dataset = replicate(dataset, mesh)
     step = sharded_step(step_fn, mesh, rule=rule, batch_axis=batch_axis)

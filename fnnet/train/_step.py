@@ -26,6 +26,7 @@ import optax
 
 from fnnet._src.conv_layout import canonicalize_convolutions
 from fnnet._src.layer import Layer
+from fnnet.train import _stream
 from fnnet.train._data import (
     batch_indices,
     epoch_orders,
@@ -398,7 +399,14 @@ def make_fused_steps(
     Args:
       step_fn: ``step(state, batch)`` from :func:`make_train_step` (or any function
         of that signature).
-      dataset: ``(x, y)`` pytree of arrays ``(num_examples, ...)``.
+      dataset: ``(x, y)`` pytree of arrays ``(num_examples, ...)``; or a source
+        of host batches (an iterator of ``(x, y)`` NumPy batches, such as
+        :class:`NpyBatches`; see ``fnnet.train._stream``): each call then
+        stacks its next ``num_steps`` batches, moves them to the device at
+        once and scans over them, and reads the following ``num_steps`` while
+        the device computes (``run.feed.consumed_state`` is the source's state
+        after the batches trained on); ``shuffle`` is then the source's affair,
+        and every replica trains on the same batches.
       batch_size: examples per step; the ragged end of each epoch is dropped.
       num_steps: steps per call of ``run`` (static: one program per length).
       shuffle: reshuffle every epoch (False: stored order, as in the MNIST-1D paper).
@@ -430,6 +438,11 @@ def make_fused_steps(
     """
     if num_steps <= 0:
         raise ValueError(f"num_steps must be positive, got {num_steps}")
+    if _stream.is_source(dataset):
+        return _stream.streamed_steps(
+            step_fn, dataset, batch_size=batch_size, num_steps=num_steps, replicated=replicated,
+            vectorize_replicas=vectorize_replicas, canonical_convs=canonical_convs, donate=donate,
+        )  # fmt: skip
     num_examples = num_examples_of(dataset)
     steps_per_epoch(num_examples, batch_size)  # validates batch_size early
     # Once, so no call copies it from the host. Arrays already placed stay as they
