@@ -219,7 +219,10 @@ def _floor_step(model: str):
         x, _ = batch
         out, pullback = jax.vjp(lambda w: products(w, x), weights)
         (grads,) = pullback(out)
-        return jax.tree.map(lambda w, g: w - 1e-6 * g, weights, grads), out[0, 0]
+        # An update the next step depends on, so nothing is hoisted or dropped, but too
+        # small to change the weights: a real descent on out**2 would shrink every
+        # activation step after step, towards subnormal numbers.
+        return jax.tree.map(lambda w, g: w - 1e-12 * g, weights, grads), out[0, 0]
 
     return step
 
@@ -245,7 +248,9 @@ def model_floors(models, rounds: int, calls: dict[str, int] | None = None) -> di
         weights = _product_weights(model, state.params)
         _, outs = floor(weights, x, y)
         if not np.isfinite(np.asarray(outs)).all() or not np.abs(np.asarray(outs)).max() > 1e-6:
-            raise FloatingPointError(f"{model}: the floor's products overflowed or vanished")
+            raise FloatingPointError(
+                f"{model}: the floor's products overflowed or vanished: {outs}"
+            )
         cases[model] = {
             "fused": (fused, state),
             "floor": (lambda w, floor=floor, x=x, y=y: floor(w, x, y), weights),
