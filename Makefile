@@ -71,6 +71,8 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.step_overhead
 	$(PY) -m bench.floor
 	$(PY) -m bench.train --repeats 3
+	$(PY) -m bench.train --models transformer,transformer_tokens \
+	  --contenders jnp,nnx_split,fnnet,fused,torch,torch1 --repeats 2
 	$(PY) -m bench.runner --repeats 3 --steps 2000
 	$(PY) -m bench.accelerator --size tiny
 

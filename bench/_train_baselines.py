@@ -1,6 +1,6 @@
 """The training benchmark's baselines: hand-written jax.numpy, Flax Linen and Flax NNX.
 
-Each framework gets the four MNIST-1D models of ``tests/handwritten.py``, written
+Each framework gets the MNIST-1D models of ``tests/handwritten.py``, written
 the way its own documentation writes them (``nn.Dense``, ``nn.Conv``,
 ``nn.RNN(nn.GRUCell)`` inside ``nn.Bidirectional``, ``nn.MultiHeadDotProductAttention``,
 and their NNX twins), with the same layer sizes, so every contender has the same
@@ -14,6 +14,7 @@ trains with the optimizer it is given on the mean softmax cross-entropy.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,6 +29,9 @@ from tests import handwritten
 
 CLASSES = 10
 MAX_LEN = 512  # the position table's rows, as fnnet.models.transformer_classifier's default
+# The two transformers differ only in how the signal becomes tokens: (patch, table rows).
+# With one token per sample the table is as long as the signal, 40 rows.
+TRANSFORMERS = {"transformer": (4, MAX_LEN), "transformer_tokens": (1, 40)}
 
 
 class Contender(NamedTuple):
@@ -64,6 +68,7 @@ HAND_FORWARD = {
     "cnn": handwritten.cnn_forward,
     "gru": handwritten.gru_forward,
     "transformer": handwritten.transformer_forward,
+    "transformer_tokens": handwritten.transformer_forward,
 }
 
 
@@ -135,18 +140,28 @@ class LinenBlock(nn.Module):
 
 class LinenTransformer(nn.Module):
     width: int = 64
+    patch: int = 4
+    max_len: int = MAX_LEN
 
     @nn.compact
     def __call__(self, x):  # (batch, 40)
-        h = nn.Dense(self.width)(x.reshape(x.shape[0], -1, 4))  # (batch, 10, width)
-        table = self.param("position", nn.initializers.normal(0.02), (MAX_LEN, self.width))
+        h = nn.Dense(self.width)(x.reshape(x.shape[0], -1, self.patch))  # (batch, tokens, width)
+        table = self.param("position", nn.initializers.normal(0.02), (self.max_len, self.width))
         h = h + table[: h.shape[1]]
         for _ in range(2):
             h = LinenBlock(self.width)(h)
         return nn.Dense(CLASSES)(nn.LayerNorm()(h).mean(axis=1))
 
 
-LINEN = {"mlp": LinenMLP, "cnn": LinenCNN, "gru": LinenGRU, "transformer": LinenTransformer}
+LINEN = {
+    "mlp": LinenMLP,
+    "cnn": LinenCNN,
+    "gru": LinenGRU,
+    **{
+        name: functools.partial(LinenTransformer, patch=patch, max_len=rows)
+        for name, (patch, rows) in TRANSFORMERS.items()
+    },
+}
 
 
 def linen_init(name, x, seed):
@@ -230,22 +245,31 @@ class NnxBlock(nnx.Module):
 
 
 class NnxTransformer(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs, width: int = 64):
-        self.embed = nnx.Linear(4, width, rngs=rngs)
-        self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (MAX_LEN, width)))
+    def __init__(self, rngs: nnx.Rngs, width: int = 64, patch: int = 4, max_len: int = MAX_LEN):
+        self.patch = patch
+        self.embed = nnx.Linear(patch, width, rngs=rngs)
+        self.position = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, width)))
         self.blocks = nnx.List(NnxBlock(width, rngs) for _ in range(2))
         self.ln_f = nnx.LayerNorm(width, rngs=rngs)
         self.out = nnx.Linear(width, CLASSES, rngs=rngs)
 
     def __call__(self, x):  # (batch, 40)
-        h = self.embed(x.reshape(x.shape[0], -1, 4))  # (batch, 10, width)
+        h = self.embed(x.reshape(x.shape[0], -1, self.patch))  # (batch, tokens, width)
         h = h + self.position[: h.shape[1]]
         for block in self.blocks:
             h = block(h)
         return self.out(self.ln_f(h).mean(axis=1))
 
 
-NNX = {"mlp": NnxMLP, "cnn": NnxCNN, "gru": NnxGRU, "transformer": NnxTransformer}
+NNX = {
+    "mlp": NnxMLP,
+    "cnn": NnxCNN,
+    "gru": NnxGRU,
+    **{
+        name: functools.partial(NnxTransformer, patch=patch, max_len=rows)
+        for name, (patch, rows) in TRANSFORMERS.items()
+    },
+}
 
 
 def _nnx_loss(model, x, y):

@@ -1,4 +1,4 @@
-"""The arithmetic floor: how fast could the MNIST-1D MLP train on this machine at all?
+"""The arithmetic floor: how fast could the MNIST-1D models train on this machine at all?
 
 The training issue asks fused mode for 1.5x the fastest per-step baseline on the
 MLP at batch 100, and 8 vmapped seeds for at most 2.5x the wall time of one.
@@ -19,7 +19,22 @@ is the most any fused mode could gain over per-step if everything but the
 matrix products were free, and ``8 x matmuls / 1 x scan`` is the least wall
 time 8 seeds can cost relative to one seed's fused run.
 
-Run: ``python -m bench.floor`` (part of ``make bench``; about 20 s).
+Then, for every model of ``bench.train`` (MLP, CNN, GRU, both transformers), at
+batch 100, rounds interleaved:
+
+- ``fused``: fnnet's ``make_fused_steps`` over one epoch (40 steps, stored order),
+  the program ``fit`` dispatches;
+- ``floor``: the model's products alone (matrix products, convolutions, and the
+  attention's two batched products), forward and backward, in the shapes of a
+  training step, in one ``lax.scan`` over the epoch with the convolutions in
+  XLA:CPU's fast layout as fused mode puts them. Everything else (biases,
+  activations, normalization, softmax, the loss, Adam) is left out.
+
+``floor / fused`` is the fraction of the floor's speed the fused step reaches:
+1 would mean every cost but the products is hidden.
+
+Run: ``python -m bench.floor`` (part of ``make bench``; about 3 minutes on two
+CPU cores), ``--models cnn,gru`` for some models.
 """
 
 from __future__ import annotations
@@ -33,7 +48,10 @@ import numpy as np
 import optax
 
 from bench._train_baselines import handwritten_step
-from fnnet.train import init_replicas, init_state
+from bench.train import _fnnet_model, model_input
+from fnnet._src.conv_layout import canonicalize_convolutions
+from fnnet.train import init_replicas, init_state, make_fused_steps, make_train_step
+from fnnet.train._losses import softmax_cross_entropy
 from tests import handwritten
 
 BATCH, EXAMPLES, REPLICAS = 100, 4000, 8
@@ -95,9 +113,176 @@ def _time(fn, state, calls: int, steps_per_call: int) -> float:
     return (time.perf_counter() - start) / (calls * steps_per_call) * 1e6
 
 
+# --- Every model's products alone ---------------------------------------------------
+#
+# Each ``products(weights, x) -> (batch, 10)`` is the model with every operation that
+# is not a product removed; the floor step differentiates it with respect to the
+# weights (as training does: no gradient for the input) with the output itself as
+# the cotangent, so the last product is not dead code.
+
+MODELS = ("mlp", "cnn", "gru", "transformer", "transformer_tokens")
+
+
+def _mlp_products(w, x):  # x (batch, 40)
+    return x @ w["hidden_0"] @ w["hidden_1"] @ w["out"]
+
+
+def _cnn_products(w, x):  # x (batch, 40, 1)
+    for i in range(3):
+        x = jax.lax.conv_general_dilated(
+            x, w[f"conv_{i}"], (2,), ((1, 1),), dimension_numbers=("NWC", "WIO", "NWC")
+        )  # (batch, 19, 25), (batch, 10, 25), (batch, 5, 25)
+    return x.reshape(x.shape[0], -1) @ w["out"]
+
+
+def _gru_products(w, x):  # x (batch, 40)
+    xs = jnp.swapaxes(x, 0, 1)[..., None]  # (seq, batch, 1)
+
+    def direction(cell, xs):
+        hidden = cell["recurrent"].shape[0]
+
+        def step(h, xt):
+            # Both products of a GRU step, projecting the input inside the loop as
+            # fnnet does; the gates' 18 values feed the next state through a slice.
+            g = xt @ cell["input"] + h @ cell["recurrent"]  # (batch, 3 * hidden)
+            return g[:, :hidden], g[:, :hidden]
+
+        _, hs = jax.lax.scan(step, jnp.zeros((x.shape[0], hidden), x.dtype), xs)
+        return hs  # (seq, batch, hidden)
+
+    h = jnp.concatenate([direction(w["forward"], xs), direction(w["backward"], xs[::-1])], -1)
+    return jnp.swapaxes(h, 0, 1).reshape(x.shape[0], -1) @ w["out"]
+
+
+def _transformer_products(w, x):  # x (batch, 40)
+    patch = w["embed"].shape[0]
+    h = x.reshape(x.shape[0], -1, patch) @ w["embed"]  # (batch, tokens, width)
+    for b in w["blocks"]:
+        q, k, v = (jnp.einsum("bsf,fhd->bshd", h, b[n]) for n in "qkv")
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # (batch, heads, tokens, tokens)
+        o = jnp.einsum("bhqk,bkhd->bqhd", scores, v)
+        h = jnp.einsum("bshd,hdf->bsf", o, b["o"])
+        h = h @ b["up"] @ b["down"]
+    return h.mean(axis=1) @ w["out"]
+
+
+def _product_weights(model: str, params):
+    """The weight matrices (and kernels) of fnnet's ``params``, as the products read them."""
+    if model == "gru":
+        rnn = params["rnn_0"]
+        cells = {
+            d: {
+                "input": rnn[d]["cell"]["input"]["w"],
+                "recurrent": rnn[d]["cell"]["recurrent"]["w"],
+            }
+            for d in ("forward", "backward")
+        }
+        return {**cells, "out": params["out"]["w"]}
+    if model.startswith("transformer"):
+        blocks = params["blocks"]
+        q = blocks["attn"]["q"]["w"]  # (depth, width, heads, head_dim)
+        tokens = 40 // params["embed"]["w"].shape[0]
+        # Without softmax and normalization the products would grow or shrink
+        # geometrically, to infinity or to subnormal numbers (slow on a CPU). Folding
+        # attention's 1/sqrt(head_dim) into q and the softmax's rows summing to one (a
+        # 1/tokens) into v keeps every activation and gradient near 1.
+        scale = {"q": q.shape[-1] ** -0.5, "k": 1.0, "v": 1.0 / tokens}
+        return {
+            "embed": params["embed"]["w"],
+            "blocks": [
+                {
+                    **{n: scale[n] * blocks["attn"][n]["w"][i] for n in "qkv"},
+                    "o": blocks["attn"]["out"]["w"][i],
+                    "up": blocks["mlp"]["up"]["w"][i],
+                    "down": blocks["mlp"]["down"]["w"][i],
+                }
+                for i in range(q.shape[0])
+            ],
+            "out": params["out"]["w"],
+        }
+    return {name: layer["w"] for name, layer in params.items()}
+
+
+PRODUCTS = {
+    "mlp": _mlp_products,
+    "cnn": _cnn_products,
+    "gru": _gru_products,
+    "transformer": _transformer_products,
+    "transformer_tokens": _transformer_products,
+}
+
+
+def _floor_step(model: str):
+    products = PRODUCTS[model]
+
+    def step(weights, batch):
+        x, _ = batch
+        out, pullback = jax.vjp(lambda w: products(w, x), weights)
+        (grads,) = pullback(out)
+        # An update the next step depends on, so nothing is hoisted or dropped, but too
+        # small to change the weights: a real descent on out**2 would shrink every
+        # activation step after step, towards subnormal numbers.
+        return jax.tree.map(lambda w, g: w - 1e-12 * g, weights, grads), out[0, 0]
+
+    return step
+
+
+# Calls per timing: about half a second of each program on the 2-core machine.
+CALLS = {"mlp": 25, "cnn": 10, "gru": 5, "transformer": 2, "transformer_tokens": 1}
+
+
+def model_floors(models, rounds: int, calls: dict[str, int] | None = None) -> dict:
+    """Per model, median microseconds per step of ``fused`` and ``floor`` at batch 100."""
+    calls = CALLS if calls is None else calls
+    rng = np.random.default_rng(0)
+    cases = {}
+    for model in models:
+        layer = _fnnet_model(model)
+        x = model_input(model, rng.standard_normal((EXAMPLES, 40)).astype(np.float32))
+        y = rng.integers(0, 10, EXAMPLES).astype(np.int32)
+        x, y = jnp.asarray(x), jnp.asarray(y)
+        state = init_state(layer, TX, x[0], seed=0)
+        step = make_train_step(layer, TX, softmax_cross_entropy)
+        fused = make_fused_steps(step, (x, y), batch_size=BATCH, num_steps=STEPS, shuffle=False)
+        floor = jax.jit(canonicalize_convolutions(_epoch(_floor_step(model))))
+        weights = _product_weights(model, state.params)
+        _, outs = floor(weights, x, y)
+        if not np.isfinite(np.asarray(outs)).all() or not np.abs(np.asarray(outs)).max() > 1e-6:
+            raise FloatingPointError(
+                f"{model}: the floor's products overflowed or vanished: {outs}"
+            )
+        cases[model] = {
+            "fused": (fused, state),
+            "floor": (lambda w, floor=floor, x=x, y=y: floor(w, x, y), weights),
+        }
+    times = {(m, p): [] for m in cases for p in ("fused", "floor")}
+    for _ in range(rounds):
+        for model, programs in cases.items():
+            for name, (fn, state) in programs.items():
+                times[model, name].append(_time(fn, state, calls[model], STEPS))
+    return {m: {p: float(np.median(times[m, p])) for p in ("fused", "floor")} for m in cases}
+
+
+def _models(text):
+    names = [t for t in text.split(",") if t]
+    bad = [n for n in names if n not in MODELS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad} not in {list(MODELS)}")
+    return names
+
+
 def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--models",
+        type=_models,
+        default=list(MODELS),
+        help=f"comma-separated, from {','.join(MODELS)} (default: all; '': the MLP table only)",
+    )
+    parser.add_argument(
+        "--model-rounds", type=int, default=3, help="rounds of the per-model floors"
+    )
     args = parser.parse_args(argv)
 
     model = handwritten.CASES[next(k for k in handwritten.CASES if k.startswith("mlp"))][0]
@@ -145,6 +330,21 @@ def main(argv=None) -> dict[str, float]:
     )
     seeds = us["scan, 8 replicas"] / us["scan"]
     print(f"8 seeds over one (wall time), hand-written scans: {seeds:.2f}x")
+    if args.models:
+        floors = model_floors(args.models, args.model_rounds)
+        print()
+        print(
+            f"Every model at batch {BATCH}, one epoch per call; median of "
+            f"{args.model_rounds} rounds"
+        )
+        print()
+        print("| model | fused us per step | floor us per step | floor / fused |")
+        print("|---|---:|---:|---:|")
+        for model, t in floors.items():
+            print(
+                f"| {model} | {t['fused']:.0f} | {t['floor']:.0f} | {t['floor'] / t['fused']:.2f} |"
+            )
+        us.update({f"{m} {p}": t[p] for m, t in floors.items() for p in t})
     return us
 
 

@@ -1,8 +1,9 @@
-"""Training speed: fnnet's engine against hand-written JAX, Flax Linen and Flax NNX.
+"""Training speed: fnnet's engine against hand-written JAX, Flax Linen, Flax NNX and PyTorch.
 
-Every contender trains the same MNIST-1D model (``tests/handwritten.py``'s four:
-MLP, CNN, bidirectional GRU, small transformer) with ``optax.adam(1e-2)`` on the
-mean softmax cross-entropy, at batch 100 (the paper's) and 1024:
+Every contender trains the same MNIST-1D model (``tests/handwritten.py``'s five:
+MLP, CNN, bidirectional GRU, a small transformer on patches of 4 samples, and
+the same transformer with one token per sample) with Adam (learning rate 1e-2)
+on the mean softmax cross-entropy, at batch 100 (the paper's) and 1024:
 
 - ``jnp``: the model hand-written in jax.numpy, a ``jax.jit`` step
   (value_and_grad + optax update);
@@ -19,7 +20,13 @@ mean softmax cross-entropy, at batch 100 (the paper's) and 1024:
 - ``fused``: ``make_fused_steps`` with K = steps per epoch (40 at batch 100, 3 at
   1024), the chunk ``fnnet.train.fit`` dispatches, batches drawn on the device;
 - ``fused8``: 8 seeds of ``fused`` as one program, ``make_fused_steps(...,
-  replicated=True)`` (MLP, batch 100).
+  replicated=True)`` (MLP, batch 100);
+- ``torch``: the same models in PyTorch eager (``bench/_torch_baselines.py``),
+  float32, ``torch.optim.Adam``, on all the machine's cores; it needs PyTorch,
+  which the ``bench`` extra installs (``pip install -e ".[bench]"``);
+- ``torch1``: the same on one thread (not in the default list). On a machine
+  whose cores other jobs share, PyTorch's OpenMP threads wait for each other
+  at every operator, and one thread can be several times faster than two.
 
 The input is the same for every contender: the training set is put on the
 device once and cut into the epoch's batches (in stored order, no shuffling, as
@@ -27,17 +34,22 @@ the paper trains) before timing; a per-step contender is handed batch
 ``i % steps_per_epoch`` at step ``i``, which costs the host nothing; the fused
 contenders draw the same batches inside their program. Only ``jnp_donate`` and
 ``fnnet`` donate buffers; no contender fetches the loss during the timed loop.
+PyTorch gets the same batches in the same order, as tensors made before timing.
 ``fnnet / jax.numpy`` compares fnnet with the faster of ``jnp`` and ``jnp_donate``
-in each repeat.
+in each repeat; ``fnnet / PyTorch`` and ``fused / PyTorch`` with the faster of
+``torch`` and ``torch1``.
 
 Timing, per (model, batch, contender), each in a fresh process: the first call
 (trace + compile + one step or one fused chunk), a warm-up, then ``--steps``
-timed steps ending with ``jax.block_until_ready``. Speed is steps per second;
+timed steps ending with ``jax.block_until_ready`` (PyTorch:
+``torch.cpu.synchronize``). Speed is steps per second;
 compile time is the first call minus one steady call. Contenders are
 interleaved and rotated within each repeat, and the tables report medians over
 repeats; each ratio is the median over repeats of that repeat's ratio.
 
-Run: ``python -m bench.train`` (full: about 20 minutes on two CPU cores), or
+Run: ``python -m bench.train`` (the four models of ``DEFAULT_MODELS``, every default
+contender: about 25 minutes on two CPU cores; ``--models transformer_tokens`` adds
+the token transformer, whose 1024-batch cells take a minute each), or
 ``python -m bench.train --models mlp --repeats 1 --steps 20`` to try it.
 One measurement: ``python -m bench.train --one mlp 100 fnnet --steps 200 --json``.
 """
@@ -53,11 +65,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
-MODELS = ("mlp", "cnn", "gru", "transformer")
+MODELS = ("mlp", "cnn", "gru", "transformer", "transformer_tokens")
+# The token transformer's cells take minutes; make bench runs them in a grid of their own.
+DEFAULT_MODELS = ("mlp", "cnn", "gru", "transformer")
 BATCHES = (100, 1024)
 CONTENDERS = (
     "jnp",
@@ -69,11 +85,24 @@ CONTENDERS = (
     "fnnet",
     "fused",
     "fused8",
+    "torch",
+    "torch1",
 )
-DEFAULT_CONTENDERS = ("jnp", "jnp_donate", "linen", "nnx", "nnx_split", "fnnet", "fused", "fused8")
+DEFAULT_CONTENDERS = (
+    "jnp",
+    "jnp_donate",
+    "linen",
+    "nnx",
+    "nnx_split",
+    "fnnet",
+    "fused",
+    "fused8",
+    "torch",
+)
 HANDWRITTEN = ("jnp", "jnp_donate")
 FLAX = ("linen", "nnx", "nnx_split", "nnx_cached")
 PER_STEP_BASELINES = (*HANDWRITTEN, *FLAX)
+TORCH = ("torch", "torch1")
 SEEDS = 8
 LEARNING_RATE = 1e-2
 
@@ -91,6 +120,8 @@ DEFAULT_STEPS = {  # about a second of timed steps per cell on the 2-core develo
     ("gru", 1024): 120,
     ("transformer", 100): 120,
     ("transformer", 1024): 9,
+    ("transformer_tokens", 100): 40,
+    ("transformer_tokens", 1024): 4,
 }
 
 LABELS = {
@@ -103,6 +134,8 @@ LABELS = {
     "fnnet": "fnnet",
     "fused": "fnnet fused",
     "fused8": "fnnet fused, 8 seeds",
+    "torch": "PyTorch",
+    "torch1": "PyTorch, 1 thread",
 }
 
 
@@ -141,7 +174,7 @@ def _fnnet_model(model: str):
     from tests import handwritten
 
     for name, (layer, _, _) in handwritten.CASES.items():
-        if name.startswith(model):
+        if name.split(" ")[0] == model:  # "transformer (patches ...)", "transformer_tokens (...)"
             return layer
     raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
 
@@ -211,6 +244,98 @@ def _fused(model, contender, dataset, batch, chunk, seed):
     return state, run_losses
 
 
+class _Timed(NamedTuple):
+    """A contender ready to time: ``advance(calls) -> loss`` runs ``calls`` dispatches
+    (steps, or fused chunks of ``chunk`` steps) and returns the last loss unfetched;
+    ``wait(loss)`` blocks until all of it has run."""
+
+    advance: Callable[[int], Any]
+    wait: Callable[[Any], None]
+    chunk: int
+    params: int
+    backend: str
+
+
+def _jax_timed(model, batch, contender, x, y, per_epoch, seed) -> _Timed:
+    import jax
+
+    from bench import _train_baselines as base
+
+    dataset = jax.device_put((x, y))
+    fused = contender in ("fused", "fused8")
+    if fused:
+        state, run = _fused(model, contender, dataset, batch, per_epoch, seed)
+        one_step = None
+        params = base.count_params(state.params) // (SEEDS if contender == "fused8" else 1)
+        ready = _same
+    else:
+        # The epoch's batches, put on the device before any timing (cut on the host:
+        # slicing on the device would compile one program per offset).
+        batches = [
+            jax.device_put((x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]))
+            for i in range(per_epoch)
+        ]
+        state, one_step, ready, params = _per_step(model, contender, x, batches, seed)
+    i = 0
+
+    def advance(calls):
+        nonlocal state, i
+        for _ in range(calls):
+            if fused:
+                state, losses = run(state)
+                loss = losses[..., -1]
+            else:
+                state, loss = one_step(state, batches[i % per_epoch])
+                i += 1
+        return loss
+
+    def wait(loss):
+        jax.block_until_ready((ready(state), loss))
+
+    wait(dataset)
+    return _Timed(advance, wait, per_epoch if fused else 1, params, jax.default_backend())
+
+
+def _fnnet_params(model, example) -> int:
+    """The fnnet model's parameter count, from shapes alone (nothing is computed)."""
+    import jax
+
+    layer = _fnnet_model(model)
+    shapes = jax.eval_shape(lambda: layer.init(jax.random.key(0), example))
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+
+
+def _torch_timed(model, batch, x, y, seed, threads) -> _Timed:
+    from bench import _torch_baselines as tb
+
+    contender = tb.torch_contender(model, LEARNING_RATE, seed, threads=threads)
+    expected = _fnnet_params(model, x[0]) + tb.EXTRA_PARAMS.get(model, 0)
+    if contender.params != expected:
+        raise AssertionError(
+            f"the PyTorch {model} has {contender.params:,} parameters, fnnet's {expected:,}"
+            f" (with PyTorch's {tb.EXTRA_PARAMS.get(model, 0)} extra): not the same model"
+        )
+    batches = tb.torch_batches(model, x, y, batch)
+    i = 0
+
+    def advance(calls):
+        nonlocal i
+        for _ in range(calls):
+            loss = contender.step(batches[i % len(batches)])
+            i += 1
+        return loss
+
+    def wait(loss):
+        contender.sync()
+
+    backend = f"cpu (PyTorch eager, {contender.threads} threads)"
+    return _Timed(advance, wait, 1, contender.params, backend)
+
+
+def _same(state):
+    return state
+
+
 def measure(
     model: str,
     batch: int,
@@ -234,66 +359,39 @@ def measure(
       A JSON-able dict: ``steps``, ``steps_per_s``, ``compile_s`` (first call
       minus one steady call), ``first_call_s``, ``setup_s`` (initialization,
       before the first call), ``final_loss`` (the mean loss of
-      the last step, over seeds for ``fused8``), ``params``, and the cell.
+      the last step, over seeds for ``fused8``), ``params`` (the contender's own
+      model: PyTorch's GRU has 24 more than fnnet's), and the cell.
     """
-    import jax
-
-    from bench import _train_baselines as base
-
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
+    if contender not in CONTENDERS:
+        raise ValueError(f"unknown contender {contender!r}; choose from {CONTENDERS}")
     setup = time.perf_counter()
     x, y = data
     x = model_input(model, x)
     per_epoch = len(x) // batch
     if per_epoch < 1:
         raise ValueError(f"batch {batch} is larger than the dataset ({len(x)} examples)")
-    dataset = jax.device_put((x, y))
-    fused = contender in ("fused", "fused8")
-    chunk = per_epoch if fused else 1
+    if contender in TORCH:
+        threads = 1 if contender == "torch1" else None
+        timed = _torch_timed(model, batch, x, y, seed, threads)
+    else:
+        timed = _jax_timed(model, batch, contender, x, y, per_epoch, seed)
+    chunk = timed.chunk
     steps = -(-steps // chunk) * chunk
     warmup = min(10, steps // 4) if warmup is None else warmup
     warmup = max(1, -(-warmup // chunk)) * chunk
-
-    if fused:
-        state, run = _fused(model, contender, dataset, batch, chunk, seed)
-
-        def advance(state, calls, i):
-            for _ in range(calls):
-                state, losses = run(state)
-            return state, losses[..., -1], i
-
-        def ready(state):
-            return state
-
-        params = base.count_params(state.params) // (SEEDS if contender == "fused8" else 1)
-    else:
-        # The epoch's batches, put on the device before any timing (cut on the host:
-        # slicing on the device would compile one program per offset).
-        batches = [
-            jax.device_put((x[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]))
-            for i in range(per_epoch)
-        ]
-        state, step, ready, params = _per_step(model, contender, x, batches, seed)
-
-        def advance(state, calls, i):
-            for _ in range(calls):
-                state, loss = step(state, batches[i % per_epoch])
-                i += 1
-            return state, loss, i
-
-    jax.block_until_ready((dataset, ready(state)))
     setup = time.perf_counter() - setup
 
     start = time.perf_counter()
-    state, loss, i = advance(state, 1, 0)
-    jax.block_until_ready((ready(state), loss))
+    timed.wait(timed.advance(1))
     first = time.perf_counter() - start
 
-    state, loss, i = advance(state, warmup // chunk, i)
-    jax.block_until_ready((ready(state), loss))
+    timed.wait(timed.advance(warmup // chunk))
 
     start = time.perf_counter()
-    state, loss, i = advance(state, steps // chunk, i)
-    jax.block_until_ready((ready(state), loss))
+    loss = timed.advance(steps // chunk)
+    timed.wait(loss)
     wall = time.perf_counter() - start
 
     return {
@@ -307,8 +405,8 @@ def measure(
         "first_call_s": first,
         "setup_s": setup,
         "final_loss": float(np.mean(np.asarray(loss))),
-        "params": params,
-        "backend": jax.default_backend(),
+        "params": timed.params,
+        "backend": timed.backend,
     }
 
 
@@ -371,7 +469,8 @@ def summarize(records: list[dict]) -> list[dict]:
     ``fnnet_vs_jnp`` (against the repeat's faster hand-written step),
     ``fnnet_vs_flax`` (the repeat's fastest Flax contender), ``fused_vs_baseline``
     (fused against the repeat's fastest per-step baseline, hand-written or Flax),
-    ``fused_vs_fnnet``, and ``seeds_time`` (wall time of 8 vmapped seeds over the
+    ``fused_vs_fnnet``, ``fnnet_vs_torch`` and ``fused_vs_torch`` (against PyTorch
+    eager), and ``seeds_time`` (wall time of 8 vmapped seeds over the
     wall time of one seed, the same steps: the MLP). ``compile_vs_jnp`` and
     ``compile_vs_flax`` are fnnet's per-step compile time over the quickest
     hand-written and Flax ones (a time ratio: above 1 means fnnet compiles slower).
@@ -409,17 +508,33 @@ def summarize(records: list[dict]) -> list[dict]:
         for c in (c for c in CONTENDERS if c in present):
             row["speed"][c] = _median([by[c]["steps_per_s"] for by in runs.values() if c in by])
             row["compile"][c] = _median([by[c]["compile_s"] for by in runs.values() if c in by])
-        row["params"] = next(by[c]["params"] for by in runs.values() for c in by)
+        # fnnet's count; PyTorch's GRU has more, reported apart.
+        own = [by[c]["params"] for by in runs.values() for c in by if c not in TORCH]
+        theirs = [by[c]["params"] for by in runs.values() for c in TORCH if c in by]
+        row["params"] = own[0] if own else theirs[0]
+        row["torch_params"] = theirs[0] if theirs else None
         row["fnnet_vs_jnp"] = ratio(runs, "fnnet", HANDWRITTEN)
         row["fnnet_vs_flax"] = ratio(runs, "fnnet", FLAX)
         row["fused_vs_baseline"] = ratio(runs, "fused", PER_STEP_BASELINES)
         row["fused_vs_fnnet"] = ratio(runs, "fused", ["fnnet"])
+        row["fnnet_vs_torch"] = ratio(runs, "fnnet", TORCH)
+        row["fused_vs_torch"] = ratio(runs, "fused", TORCH)
         row["compile_vs_jnp"] = compile_ratio(runs, "fnnet", HANDWRITTEN)
         row["compile_vs_flax"] = compile_ratio(runs, "fnnet", FLAX)
         seeds = ratio(runs, "fused", ["fused8"])  # 1-seed speed / 8-seed speed = time8 / time1
         row["seeds_time"] = seeds
         rows.append(row)
     return rows
+
+
+RATIO_LABELS = {
+    "fnnet_vs_jnp": "fnnet / jax.numpy",
+    "fnnet_vs_flax": "fnnet / best Flax",
+    "fused_vs_baseline": "fused / best per-step baseline",
+    "fused_vs_fnnet": "fused / fnnet",
+    "fnnet_vs_torch": "fnnet / PyTorch",
+    "fused_vs_torch": "fused / PyTorch",
+}
 
 
 def _fmt(value, spec):
@@ -437,21 +552,20 @@ def _speed(value):
 def markdown(rows: list[dict], contenders) -> str:
     """Two markdown tables (speed and ratios; compile times) and the 8-seed line."""
     shown = [c for c in CONTENDERS if c in contenders and c != "fused8"]
+    ratios = ["fnnet_vs_jnp", "fnnet_vs_flax", "fused_vs_baseline", "fused_vs_fnnet"]
+    if any(c in TORCH for c in shown):
+        ratios += ["fnnet_vs_torch", "fused_vs_torch"]
     head = " | ".join(LABELS[c] for c in shown)
+    ratio_head = " | ".join(RATIO_LABELS[k] for k in ratios)
     out = [
         "Training steps per second (median; higher is faster) and speed ratios:",
         "",
-        f"| model | params | batch | {head} | fnnet / jax.numpy | fnnet / best Flax "
-        "| fused / best per-step baseline | fused / fnnet |",
-        "|---|---:|---:|" + "---:|" * (len(shown) + 4),
+        f"| model | params | batch | {head} | {ratio_head} |",
+        "|---|---:|---:|" + "---:|" * (len(shown) + len(ratios)),
     ]
     for r in rows:
-        speeds = " | ".join(_speed(r["speed"].get(c)) for c in shown)
-        out.append(
-            f"| {r['model']} | {r['params']:,} | {r['batch']} | {speeds} "
-            f"| {_fmt(r['fnnet_vs_jnp'], '.2f')} | {_fmt(r['fnnet_vs_flax'], '.2f')} "
-            f"| {_fmt(r['fused_vs_baseline'], '.2f')} | {_fmt(r['fused_vs_fnnet'], '.2f')} |"
-        )
+        cells = [_speed(r["speed"].get(c)) for c in shown] + [_fmt(r[k], ".2f") for k in ratios]
+        out.append(f"| {r['model']} | {r['params']:,} | {r['batch']} | {' | '.join(cells)} |")
     out += [
         "",
         "Compile time in seconds (first call minus one steady call; median) and "
@@ -465,6 +579,19 @@ def markdown(rows: list[dict], contenders) -> str:
         times = " | ".join(_fmt(r["compile"].get(c), ".2f") for c in shown)
         ratios = f"{_fmt(r['compile_vs_jnp'], '.2f')} | {_fmt(r['compile_vs_flax'], '.2f')}"
         out.append(f"| {r['model']} | {r['batch']} | {times} | {ratios} |")
+    differ = {
+        r["model"]: r["torch_params"]
+        for r in rows
+        if r.get("torch_params") is not None and r["torch_params"] != r["params"]
+    }
+    if differ:
+        counts = ", ".join(f"{m} {n:,}" for m, n in differ.items())
+        out += [
+            "",
+            f"PyTorch's parameter counts where they differ from fnnet's: {counts} "
+            "(nn.GRU keeps a recurrent bias for each gate; the extra ones only add to "
+            "the input biases).",
+        ]
     for r in rows:
         if r["seeds_time"] is not None:
             out += [
@@ -477,15 +604,20 @@ def markdown(rows: list[dict], contenders) -> str:
     return "\n".join(out)
 
 
-def _environment() -> str:
+def _environment(contenders=()) -> str:
     import flax
     import jax
     import optax
 
     device = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
+    torch = ""
+    if set(TORCH) & set(contenders):
+        from bench._torch_baselines import torch as torch_module
+
+        torch = f", torch {torch_module.__version__}"
     return (
-        f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}; "
+        f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}{torch}; "
         f"{device.platform} ({device.device_kind}); {cpu}, {os.cpu_count()} cores; "
         f"Python {platform.python_version()}"
     )
@@ -505,7 +637,7 @@ def _choice_list(allowed):
     return parse
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--one",
@@ -515,12 +647,21 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--json", action="store_true", help="with --one: print one JSON line")
     parser.add_argument("--data", help="an .npz with x and y (default: generate MNIST-1D)")
-    parser.add_argument("--models", type=_choice_list(MODELS), default=list(MODELS))
+    parser.add_argument(
+        "--models",
+        type=_choice_list(MODELS),
+        default=list(DEFAULT_MODELS),
+        help=f"comma-separated, from {','.join(MODELS)} (default: {','.join(DEFAULT_MODELS)})",
+    )
     parser.add_argument(
         "--batches", type=lambda s: [int(b) for b in s.split(",")], default=list(BATCHES)
     )
     parser.add_argument(
-        "--contenders", type=_choice_list(CONTENDERS), default=list(DEFAULT_CONTENDERS)
+        "--contenders",
+        type=_choice_list(CONTENDERS),
+        default=list(DEFAULT_CONTENDERS),
+        help=f"comma-separated, from {','.join(CONTENDERS)} "
+        f"(default: {','.join(DEFAULT_CONTENDERS)}); torch and torch1 need PyTorch",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -530,8 +671,19 @@ def main(argv=None) -> None:
         help="timed steps per cell, rounded up to whole fused chunks (default: per cell)",
     )
     parser.add_argument("--out", help="also write every record and the summary to this JSON file")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
+    if set(TORCH) & set([args.one[2]] if args.one else args.contenders):
+        # A clear message, and before minutes of other contenders in a grid.
+        try:
+            import bench._torch_baselines  # noqa: F401
+        except ImportError as error:
+            parser.error(f"{error} (or leave torch out of --contenders)")
     if args.one:
         model, batch, contender = args.one
         steps = args.steps or DEFAULT_STEPS.get((model, int(batch)), 50)
@@ -541,7 +693,7 @@ def main(argv=None) -> None:
 
     command = "python -m bench.train " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"# {command.strip()}", flush=True)
-    print(f"# {_environment()}", flush=True)
+    print(f"# {_environment(args.contenders)}", flush=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         data_path = str(Path(tmp) / "mnist1d.npz")
@@ -560,7 +712,7 @@ def main(argv=None) -> None:
     errors = [r for r in records if "error" in r]
     print()
     print(f"Command: `{command.strip()}`  ")
-    print(f"Machine: {_environment()}  ")
+    print(f"Machine: {_environment(args.contenders)}  ")
     print(f"Total time: {time.perf_counter() - start:.0f} s for {len(records)} processes")
     print()
     print(markdown(rows, args.contenders))

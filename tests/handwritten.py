@@ -137,10 +137,17 @@ def _block(h, p):
     return h + z @ m["down"]["w"] + m["down"]["b"]
 
 
+def _patches(params, x):
+    """(batch, seq) -> (batch, tokens, patch): the patch size is the embedding's input
+    width (4 for the patched transformer, 1 for one token per sample)."""
+    patch = params["embed"]["w"].shape[0]
+    return x.reshape(x.shape[0], x.shape[1] // patch, patch)
+
+
 def transformer_forward_scanned(params, x):
     """The same transformer with its blocks in a lax.scan loop, as fnnet.repeat ran
     them before it unrolled short stacks (it still loops over more than 4 blocks)."""
-    h = x.reshape(x.shape[0], 10, 4) @ params["embed"]["w"] + params["embed"]["b"]
+    h = _patches(params, x) @ params["embed"]["w"] + params["embed"]["b"]
     h = h + params["position"]["table"][: h.shape[1]]
     h, _ = jax.lax.scan(lambda h, p: (_block(h, p), None), h, params["blocks"])
     h = _layer_norm(params["ln_f"], h).mean(axis=1)
@@ -148,7 +155,7 @@ def transformer_forward_scanned(params, x):
 
 
 def transformer_forward(params, x, depth=2):
-    h = x.reshape(x.shape[0], 10, 4)  # (batch, tokens, patch): patches of 4 samples
+    h = _patches(params, x)  # (batch, tokens, patch)
     h = h @ params["embed"]["w"] + params["embed"]["b"]  # (batch, tokens, width)
     h = h + params["position"]["table"][: h.shape[1]]
     for i in range(depth):  # unrolled: a Python loop over the blocks
@@ -183,6 +190,15 @@ CASES = {
     ),
     "transformer (patches of 4, width 64, depth 2)": (
         fnnet.models.transformer_classifier(10, features=64, depth=2, num_heads=4, patch_size=4),
+        transformer_forward,
+        _signals,
+    ),
+    # The same model with every sample its own token: 4 times the tokens, 16 times the
+    # attention scores, and a position table only as long as the signal.
+    "transformer_tokens (one token per sample, width 64, depth 2)": (
+        fnnet.models.transformer_classifier(
+            10, features=64, depth=2, num_heads=4, patch_size=1, max_len=40
+        ),
         transformer_forward,
         _signals,
     ),

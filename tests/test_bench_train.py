@@ -16,7 +16,17 @@ from bench import train
 
 ROOT = Path(__file__).resolve().parent.parent
 # fnnet's parameter counts of the four MNIST-1D models (docs/models and the paper).
-PARAMS = {"mlp": 15_210, "cnn": 5_210, "gru": 5_110, "transformer": 133_834}
+# With one token per sample the transformer's embedding is 1 wide and its position
+# table 40 rows, not 512: 103,434.
+PARAMS = {
+    "mlp": 15_210,
+    "cnn": 5_210,
+    "gru": 5_110,
+    "transformer": 133_834,
+    "transformer_tokens": 103_434,
+}
+# The contenders that run here: the test environment has no PyTorch (bench's extra alone).
+JAX_CONTENDERS = [c for c in train.CONTENDERS if c not in train.TORCH]
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +52,7 @@ def _check(rec, model, batch, contender, steps):
     assert math.isfinite(rec["final_loss"])
 
 
-@pytest.mark.parametrize("contender", train.CONTENDERS)
+@pytest.mark.parametrize("contender", JAX_CONTENDERS)
 def test_every_contender_trains_the_mlp(contender, data):
     # Batch 20 of 40 examples: two steps make an epoch, and one fused chunk.
     rec = train.measure("mlp", 20, contender, 2, data)
@@ -69,6 +79,8 @@ def test_flax_models_are_the_fnnet_models(model, data):
     # NNX's GRUCell has no bias on the recurrent candidate term: 6 fewer per direction.
     expected = PARAMS[model] - (12 if model == "gru" else 0)
     assert base.count_params(nnx.state(nnx_model, nnx.Param)) == expected
+    # What the torch contender checks its model against, from shapes alone.
+    assert train._fnnet_params(model, x[0]) == PARAMS[model]
 
 
 def test_handwritten_step_matches_fnnet_loss(data):
@@ -132,3 +144,75 @@ def test_command_line_one_cell_in_a_fresh_process(data, tmp_path):
     cmd += ["--steps", "2", "--json", "--data", str(path)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=300)
     _check(json.loads(done.stdout.strip().splitlines()[-1]), "mlp", 20, "fnnet", 2)
+
+
+def test_summary_compares_fnnet_with_the_faster_pytorch():
+    records = []
+    for r, (two, one) in enumerate([(10, 40), (50, 20), (30, 25)]):
+        records += [
+            _rec("gru", 100, "fnnet", 60, r),
+            _rec("gru", 100, "fused", 90, r),
+            {**_rec("gru", 100, "torch", two, r), "params": 31},
+            {**_rec("gru", 100, "torch1", one, r), "params": 31},
+        ]
+    (row,) = train.summarize(records)
+    assert row["params"] == 7 and row["torch_params"] == 31  # fnnet's count, then PyTorch's
+    # Against the repeat's faster PyTorch (40, 50, 30): medians of 60/40, 60/50, 60/30
+    # and of 90/40, 90/50, 90/30.
+    assert row["fnnet_vs_torch"] == pytest.approx(1.5)
+    assert row["fused_vs_torch"] == pytest.approx(2.25)
+    table = train.markdown([row], ["fnnet", "fused", "torch", "torch1"])
+    assert "| PyTorch | PyTorch, 1 thread |" in table
+    assert "| fnnet / PyTorch | fused / PyTorch |" in table
+    assert "| gru | 7 | 100 | 60.0 | 90.0 | 30.0 | 25.0 |" in table
+    assert "gru 31" in table  # the differing count is printed
+    assert "fnnet / PyTorch" not in train.markdown([row], ["fnnet", "fused"])
+
+
+def test_command_line_offers_the_torch_contender_and_the_token_transformer():
+    assert {"torch", "torch1"} <= set(train.CONTENDERS) and "torch" in train.DEFAULT_CONTENDERS
+    args = train.build_parser().parse_args(
+        ["--models", "transformer,transformer_tokens", "--contenders", "fnnet,fused,torch"]
+    )
+    assert args.models == ["transformer", "transformer_tokens"]
+    assert args.contenders == ["fnnet", "fused", "torch"]
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--contenders", "pytorch"])
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.train", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert "torch1" in done.stdout and "transformer_tokens" in done.stdout
+
+
+# Runs bench.train as if PyTorch were not installed: None in sys.modules makes
+# ``import torch`` raise ImportError, as a missing package does.
+WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None
+from bench import train
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--one", "mlp", "20", "torch", "--steps", "2"], ["--models", "mlp", "--contenders", "torch"]],
+    ids=["one cell", "grid"],
+)
+def test_missing_pytorch_is_a_clear_error(argv):
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert 'pip install -e ".[bench]"' in done.stderr
+    assert "Traceback" not in done.stderr

@@ -55,12 +55,15 @@ def _imported(folder: str) -> set[str]:
     return modules - set(sys.stdlib_module_names) - local
 
 
-def _distributions(modules: set[str]) -> set[str]:
-    """The installed distributions that provide ``modules`` (one each)."""
+def _distributions(modules: set[str], declared: set[str] = frozenset()) -> set[str]:
+    """The installed distributions that provide ``modules`` (one each). A module that no
+    installed distribution provides counts as the distribution of its own name if that
+    is ``declared``: the test environment lacks bench's PyTorch on purpose."""
     providers = metadata.packages_distributions()
-    missing = sorted(m for m in modules if m not in providers)
+    absent = {m for m in modules if m not in providers and _name(m) in declared}
+    missing = sorted(m for m in modules - absent if m not in providers)
     assert not missing, f"no installed distribution provides {missing}"
-    return {_name(providers[m][0]) for m in modules}
+    return {_name(providers[m][0]) for m in modules - absent} | {_name(m) for m in absent}
 
 
 # Extras that fnnet/ itself imports, only inside the function that needs them (so
@@ -115,8 +118,18 @@ def test_library_extras_are_imported_lazily():
     ("folder", "extra"), [("experiments", "experiments"), ("bench", "bench"), ("tests", "test")]
 )
 def test_extras_cover_what_their_folder_imports(folder, extra):
-    undeclared = _distributions(_imported(folder)) - _declared(*_extras(extra))
+    declared = _declared(*_extras(extra))
+    undeclared = _distributions(_imported(folder), declared) - declared
     assert not undeclared, f"{folder}/ imports {sorted(undeclared)}; add them to its extra"
+
+
+def test_the_test_extra_does_not_install_pytorch():
+    """``make test`` installs ``.[test]``; PyTorch (GBs with CUDA) is bench's alone."""
+    assert "torch" in _declared(*_extras("bench"))
+    assert "torch" not in _declared(*_extras("test"))
+    for extra in _extras("test")[1:]:  # _extras reads one level of fnnet[...] deep
+        assert "fnnet" not in {_name(r) for r in PROJECT["optional-dependencies"][extra]}
+    assert "torch" not in _imported("tests")
 
 
 # fnnet's accelerator extras, each the jax extra of the same name: pip install ".[cuda12]".
