@@ -223,17 +223,17 @@ def _without_rates(history):
     ]
 
 
-@pytest.mark.parametrize("mesh", [None, "auto"])
-def test_a_donating_fit_equals_one_that_keeps_its_state(tmp_path, mesh):
+def test_a_donating_fit_equals_one_that_keeps_its_state(tmp_path):
     # The hard cases of giving the chunks the state's buffers: a replica frozen by
     # early stopping (its rows are restored after each chunk), RestoreBest (it keeps
-    # params across chunks), checkpoints, evaluation; on one device and on eight.
+    # params across chunks), checkpoints, evaluation; on the 8-device mesh (the
+    # fused steps' donation on one device: tests/test_train_engine.py).
     noise = (DATA[0], np.random.default_rng(3).integers(0, 3, len(DATA[1])).astype(np.int32))
     optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
     kw = {
         "data": noise, "seed": [0, 1], "optimizer": optimizer, "steps": 36, "eval_every": 6,
         "hyperparams": {"learning_rate": jnp.array([0.3, 0.0])}, "eval_data": HELD_OUT,
-        "early_stopping": train.EarlyStopping("eval_loss", patience=2), "mesh": mesh,
+        "early_stopping": train.EarlyStopping("eval_loss", patience=2), "mesh": "auto",
     }  # fmt: skip
     runs = {
         donate: _fit(donate=donate, checkpoint=tmp_path / str(donate),
