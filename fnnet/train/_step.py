@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fnnet._src.conv_layout import canonicalize_convolutions
 from fnnet._src.layer import Layer
 from fnnet.train import _stream
 from fnnet.train._data import (
@@ -355,20 +354,6 @@ def make_train_step(
 # --- Many steps in one program ---------------------------------------------------
 
 
-def _for_loops(step_fn: StepFn, canonical_convs: bool | None) -> StepFn:
-    """``step_fn`` ready to run inside a loop.
-
-    With ``canonical_convs`` (None: when JAX's default backend is the CPU) the
-    step's convolutions are put in XLA:CPU's fast layout (see
-    ``fnnet._src.conv_layout``).
-    The fused and the step-by-step paths both go through here, so they compile
-    the same arithmetic and agree bit for bit.
-    """
-    if canonical_convs is None:
-        canonical_convs = jax.default_backend() == "cpu"
-    return canonicalize_convolutions(step_fn) if canonical_convs else step_fn
-
-
 def make_fused_steps(
     step_fn: StepFn,
     dataset: Any,
@@ -448,7 +433,7 @@ def make_fused_steps(
     # Once, so no call copies it from the host. Arrays already placed stay as they
     # are: device_put refuses one split over several processes (shard_data's).
     dataset = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a), dataset)
-    step = _for_loops(step_fn, canonical_convs)
+    step = _stream.for_loops(step_fn, canonical_convs)
     sizes = {"num_examples": num_examples, "batch_size": batch_size}
 
     def fused(state, dataset):
@@ -471,15 +456,9 @@ def make_fused_steps(
         return jax.lax.scan(body, state, length=num_steps)
 
     # The dataset is shared by every replica: mapped over the state alone.
-    if not isinstance(donate, bool):
-        raise TypeError(f"make_fused_steps: donate must be True or False, got {donate!r}")
-    if replicated and vectorize_replicas:
-        program = jax.vmap(fused, in_axes=(0, None))
-    elif replicated:
-        program = lambda states, data: jax.lax.map(lambda s: fused(s, data), states)  # noqa: E731
-    else:
-        program = fused
-    compiled = jax.jit(program, donate_argnums=(0,) if donate else ())
+    compiled = _stream.compile_fused(
+        fused, replicated=replicated, vectorize_replicas=vectorize_replicas, donate=donate
+    )
 
     def run(state: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
         return compiled(state, dataset)
@@ -495,7 +474,7 @@ def _jitted_data_step(
     step_fn: StepFn, num_examples: int, batch_size: int, shuffle: bool, canonical_convs: bool | None
 ):
     # Cached so repeated debug runs of the same step reuse one compiled program.
-    step = _for_loops(step_fn, canonical_convs)
+    step = _stream.for_loops(step_fn, canonical_convs)
 
     sizes = {"num_examples": num_examples, "batch_size": batch_size}
 

@@ -415,6 +415,37 @@ class Feed:
 # --- The program --------------------------------------------------------------------------
 
 
+def for_loops(step_fn: Callable, canonical_convs: bool | None) -> Callable:
+    """``step_fn`` ready to run inside a loop.
+
+    With ``canonical_convs`` (None: when JAX's default backend is the CPU) the
+    step's convolutions are put in XLA:CPU's fast layout (see
+    ``fnnet._src.conv_layout``). The in-memory fused program, the streamed one and
+    the step-by-step path all go through here, so they compile the same
+    arithmetic and agree bit for bit.
+    """
+    if canonical_convs is None:
+        canonical_convs = jax.default_backend() == "cpu"
+    return canonicalize_convolutions(step_fn) if canonical_convs else step_fn
+
+
+def compile_fused(
+    fused: Callable, *, replicated: bool, vectorize_replicas: bool, donate: bool
+) -> Callable:
+    """``jax.jit`` of ``fused(state, data)``, over stacked replicas when
+    ``replicated`` (one after another with ``lax.map``, or side by side with
+    ``vmap``), the data shared by every replica; the state donated with ``donate``."""
+    if not isinstance(donate, bool):
+        raise TypeError(f"make_fused_steps: donate must be True or False, got {donate!r}")
+    if replicated and vectorize_replicas:
+        program = jax.vmap(fused, in_axes=(0, None))
+    elif replicated:
+        program = lambda states, data: jax.lax.map(lambda s: fused(s, data), states)  # noqa: E731
+    else:
+        program = fused
+    return jax.jit(program, donate_argnums=(0,) if donate else ())
+
+
 def streamed_program(
     step_fn: Callable,
     *,
@@ -426,25 +457,14 @@ def streamed_program(
     """``program(state, batches) -> (state, metrics)``: one step per leading row of
     ``batches`` (``(K, batch, ...)`` on every leaf), as one compiled ``jax.lax.scan``.
     Every replica of a stacked state trains on the same batches."""
-    if not isinstance(donate, bool):
-        raise TypeError(f"make_fused_steps: donate must be True or False, got {donate!r}")
-    # As make_fused_steps does (fnnet.train._step imports this module, so the
-    # three lines are repeated rather than imported): the same arithmetic as the
-    # in-memory program, bit for bit.
-    if canonical_convs is None:
-        canonical_convs = jax.default_backend() == "cpu"
-    step = canonicalize_convolutions(step_fn) if canonical_convs else step_fn
+    step = for_loops(step_fn, canonical_convs)
 
     def fused(state, batches):
         return jax.lax.scan(step, state, batches)
 
-    if replicated and vectorize_replicas:
-        program = jax.vmap(fused, in_axes=(0, None))
-    elif replicated:
-        program = lambda states, b: jax.lax.map(lambda s: fused(s, b), states)  # noqa: E731
-    else:
-        program = fused
-    return jax.jit(program, donate_argnums=(0,) if donate else ())
+    return compile_fused(
+        fused, replicated=replicated, vectorize_replicas=vectorize_replicas, donate=donate
+    )
 
 
 def batch_sharding(mesh: Any, batch_axis: Any) -> NamedSharding | None:
