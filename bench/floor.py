@@ -48,7 +48,7 @@ import numpy as np
 import optax
 
 from bench._train_baselines import handwritten_step
-from bench.train import _fnnet_model, model_input
+from bench.train import _choice_list, _fnnet_model, model_input
 from fnnet._src.conv_layout import canonicalize_convolutions
 from fnnet.train import init_replicas, init_state, make_fused_steps, make_train_step
 from fnnet.train._losses import softmax_cross_entropy
@@ -263,20 +263,12 @@ def model_floors(models, rounds: int, calls: dict[str, int] | None = None) -> di
     return {m: {p: float(np.median(times[m, p])) for p in ("fused", "floor")} for m in cases}
 
 
-def _models(text):
-    names = [t for t in text.split(",") if t]
-    bad = [n for n in names if n not in MODELS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"{bad} not in {list(MODELS)}")
-    return names
-
-
 def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--models",
-        type=_models,
+        type=_choice_list(MODELS),
         default=list(MODELS),
         help=f"comma-separated, from {','.join(MODELS)} (default: all; '': the MLP table only)",
     )

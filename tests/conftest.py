@@ -55,3 +55,13 @@ def rng():
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture
+def threefry():
+    """JAX's threefry PRNG for the test: replica r equals a separate run bit for bit
+    only under it (see init_replicas)."""
+    previous = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "threefry2x32")
+    yield
+    jax.config.update("jax_default_prng_impl", previous)

@@ -156,15 +156,6 @@ def test_named_evaluation_sets_report_under_their_names():
 # --- Replicas -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def threefry():
-    # Replica r equals a separate run bit for bit only for threefry (see init_replicas).
-    previous = jax.config.jax_default_prng_impl
-    jax.config.update("jax_default_prng_impl", "threefry2x32")
-    yield
-    jax.config.update("jax_default_prng_impl", previous)
-
-
 def test_four_seeds_equal_four_separate_runs_bitwise(threefry):
     model = fnnet.models.mlp(3, (8,), dropout_rate=0.1)  # dropout: the keys matter too
     together = _fit(model=model, seed=[0, 1, 2, 3], steps=18)

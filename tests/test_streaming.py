@@ -156,15 +156,6 @@ def test_make_fused_steps_on_a_source_equals_it_on_the_arrays(files):
     assert streamed.feed.consumed_state == {"step": 12}
 
 
-@pytest.fixture
-def threefry():
-    # Replica r equals a separate run bit for bit only for threefry (see init_replicas).
-    previous = jax.config.jax_default_prng_impl
-    jax.config.update("jax_default_prng_impl", "threefry2x32")
-    yield
-    jax.config.update("jax_default_prng_impl", previous)
-
-
 def test_every_replica_trains_on_the_same_batches(files, threefry):
     folder, _ = files
     both = _fit(_batches(folder, seed=7), seed=[0, 1], steps=6)
