@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnnet.train._checkpoint import CheckpointManager
+from fnnet.train._checkpoint import CheckpointStore
 
 METADATA = {"model": {"name": "worker"}, "optimizer": {"name": "sgd", "learning_rate": 0.1}}
 
@@ -58,16 +58,19 @@ def _hang_at_commit() -> None:
 
 
 def main(directory: str, mode: str) -> None:
-    manager = CheckpointManager(directory, keep=3)
+    manager = CheckpointStore(directory, keep=3)  # saves in the background
     manager.save(1, small_state(1), metadata=METADATA)
+    manager.wait()
     print("saved 1", flush=True)
     if mode == "large":
         manager.save(2, _large_state(), metadata=METADATA)
+        print("saving 2 in the background", flush=True)
     elif mode == "hang":
         _hang_at_commit()
         manager.save(2, small_state(7), metadata=METADATA)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
+    manager.wait()
     print("saved 2", flush=True)  # the test fails if it gets here
 
 

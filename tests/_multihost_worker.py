@@ -69,7 +69,7 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
     state, _ = jax.jit(step)(state, distributed.shard_data(host_batch(local), mesh))
     assert not state.params["hidden_0"]["w"].is_fully_addressable  # split across processes
 
-    manager = train.CheckpointManager(pathlib.Path(out_dir) / "ckpt")
+    manager = train.CheckpointStore(pathlib.Path(out_dir) / "ckpt")
     manager.save(STEPS + 1, state, metadata={"processes": num_processes})
     restored, _ = manager.restore(target=state)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params)):

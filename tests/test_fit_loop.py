@@ -330,7 +330,7 @@ def test_an_overflowing_update_stops_with_a_finite_last_state(tmp_path):
     assert (error.value.step, error.value.what) == (3, "update")
     last = error.value.last_finite_state
     assert all(np.all(np.isfinite(leaf)) for leaf in _leaves(last.params))
-    assert train.CheckpointManager(tmp_path).steps() == []
+    assert train.CheckpointStore(tmp_path).steps() == []
 
 
 # --- Resume -------------------------------------------------------------------------------
@@ -530,7 +530,7 @@ def test_the_log_repeats_no_rows_after_a_kill(tmp_path):
     cmd = [sys.executable, str(WORKER), str(tmp_path / "run"), "60", str(tmp_path / "out.npz"),
            "--log", str(log)]  # fmt: skip
     proc = subprocess.Popen([*cmd, "--slow"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manager = train.CheckpointManager(tmp_path / "run")
+    manager = train.CheckpointStore(tmp_path / "run")
     deadline = time.time() + 90
     while not (manager.steps() and log.exists() and len(log.read_text().splitlines()) >= 2):
         assert time.time() < deadline and proc.poll() is None

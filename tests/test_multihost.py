@@ -96,7 +96,7 @@ def test_two_processes_train_like_one(joint_run, single_run):
 
 def test_their_checkpoint_restores_in_one_process(joint_run, single_run):
     saved = np.load(joint_run / "params.npz")
-    manager = train.CheckpointManager(joint_run / "ckpt")
+    manager = train.CheckpointStore(joint_run / "ckpt")
     assert manager.steps() == [STEPS + 1]
     want, _ = single_run
     restored, record = manager.restore(target=want)

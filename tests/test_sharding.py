@@ -270,7 +270,7 @@ def test_sharded_checkpoint_restores_with_its_shardings(mesh, tmp_path):
     state = train.init_state(model, optax.adam(1e-2), jnp.zeros(24), seed=0)
     rule = distributed.fsdp_rule(mesh, min_size=64)
     placed = distributed.shard_state(state, mesh, rule)
-    manager = train.CheckpointManager(tmp_path)
+    manager = train.CheckpointStore(tmp_path)
     manager.save(0, placed, metadata={})
     restored, _ = manager.restore(target=placed)
     assert _specs_of(restored) == _specs_of(placed)
@@ -288,7 +288,7 @@ def test_a_checkpoint_saved_on_eight_devices_restores_onto_four_and_onto_one(mes
     model = fnnet.models.mlp(CLASSES, hidden=(16,))
     state = train.init_state(model, optax.adam(1e-2), jnp.zeros(24), seed=0)
     saved = distributed.shard_state(state, mesh, distributed.fsdp_rule(mesh, min_size=64))
-    manager = train.CheckpointManager(tmp_path)
+    manager = train.CheckpointStore(tmp_path)
     manager.save(0, saved, metadata={})
     four = distributed.mesh_from_spec("data=4", devices=jax.devices()[4:])
     for target in (

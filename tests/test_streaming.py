@@ -233,7 +233,7 @@ def test_a_run_killed_mid_epoch_resumes_bitwise(tmp_path):
     subprocess.run(command("unbroken"), check=True, timeout=120)
     proc = subprocess.Popen([*command("killed"), "--slow"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
-    manager = train.CheckpointManager(tmp_path / "killed")
+    manager = train.CheckpointStore(tmp_path / "killed")
     deadline = time.time() + 90
     while not manager.steps():
         assert time.time() < deadline and proc.poll() is None

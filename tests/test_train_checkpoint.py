@@ -24,8 +24,8 @@ from _checkpoint_worker import METADATA, small_state
 from fnnet.train._checkpoint import (
     CheckpointError,
     CheckpointExistsError,
-    CheckpointManager,
     CheckpointMismatchError,
+    CheckpointStore,
     CheckpointWarning,
     CorruptCheckpointError,
     NonFiniteCheckpointError,
@@ -107,7 +107,7 @@ def array_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def test_round_trip_of_a_training_state(tmp_path):
     state = make_state()
-    manager = CheckpointManager(tmp_path / "ckpt")
+    manager = CheckpointStore(tmp_path / "ckpt")
     meta = {"model": {"name": "mlp", "sizes": [5, 4, 3]}, "optimizer": {"name": "adam"}}
     manager.save(3, state, metadata=meta, metrics={"loss": 0.25, "accuracy": np.float32(0.5)})
 
@@ -149,7 +149,7 @@ def test_a_relative_directory_works_and_stays_where_it_was_made(tmp_path, monkey
     # so a later change of working directory does not move the checkpoints either.
     monkeypatch.chdir(tmp_path)
     state = make_state()
-    manager = CheckpointManager("runs/ckpt")
+    manager = CheckpointStore("runs/ckpt")
     monkeypatch.chdir("/")
     manager.save(1, state, metadata={})
     restored, _ = manager.restore(target=state)
@@ -158,7 +158,7 @@ def test_a_relative_directory_works_and_stays_where_it_was_made(tmp_path, monkey
 
 
 def test_keep_retains_the_newest_and_the_best(tmp_path):
-    manager = CheckpointManager(tmp_path, keep=2, best_metric="accuracy", best_mode="max")
+    manager = CheckpointStore(tmp_path, keep=2, best_metric="accuracy", best_mode="max")
     accuracies = {1: 0.1, 2: 0.9, 3: 0.3, 4: float("nan"), 5: 0.2}
     for step, accuracy in accuracies.items():
         manager.save(step, small_state(step), metadata=METADATA, metrics={"accuracy": accuracy})
@@ -168,8 +168,12 @@ def test_keep_retains_the_newest_and_the_best(tmp_path):
     restored, record = manager.restore(manager.best_step(), target=small_state(0))
     assert_bitwise_equal(restored, small_state(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4", "5"]
+    # A store opened later (a resumed run) still knows which step is the best.
+    reopened = CheckpointStore(tmp_path, keep=2, best_metric="accuracy", best_mode="max")
+    reopened.save(6, small_state(6), metadata=METADATA, metrics={"accuracy": 0.5})
+    assert reopened.steps() == [2, 5, 6]
 
-    lowest = CheckpointManager(tmp_path / "min", keep=1, best_metric="loss", best_mode="min")
+    lowest = CheckpointStore(tmp_path / "min", keep=1, best_metric="loss", best_mode="min")
     for step, loss in {1: 0.5, 2: 0.1, 3: 0.7}.items():
         lowest.save(step, small_state(step), metadata={}, metrics={"loss": loss})
     assert lowest.steps() == [2, 3]
@@ -179,7 +183,7 @@ def test_keep_retains_the_newest_and_the_best(tmp_path):
 
 
 def test_target_mismatch_lists_every_path(tmp_path):
-    manager = CheckpointManager(tmp_path)
+    manager = CheckpointStore(tmp_path)
     manager.save(1, small_state(1), metadata=METADATA)
     target = small_state(1)
     target["params"]["dense"]["w"] = jnp.zeros((4, 5), jnp.float32)  # wrong shape
@@ -200,7 +204,7 @@ def test_target_mismatch_lists_every_path(tmp_path):
 
 
 def test_non_finite_state_is_never_written(tmp_path):
-    manager = CheckpointManager(tmp_path)
+    manager = CheckpointStore(tmp_path)
     state = small_state(1)
     state["params"]["dense"]["b"] = state["params"]["dense"]["b"].at[0].set(jnp.inf)
     state["params"]["dense"]["w"] = state["params"]["dense"]["w"].at[1, 2].set(jnp.nan)
@@ -213,8 +217,9 @@ def test_non_finite_state_is_never_written(tmp_path):
 
 
 def test_an_intact_step_is_never_overwritten(tmp_path):
-    manager = CheckpointManager(tmp_path)
+    manager = CheckpointStore(tmp_path)
     manager.save(1, small_state(1), metadata=METADATA)
+    manager.wait()  # the save runs in the background until committed
     before = snapshot(tmp_path)
     with pytest.raises(CheckpointExistsError, match="step 1 already exists"):
         manager.save(1, small_state(2), metadata=METADATA)
@@ -223,10 +228,10 @@ def test_an_intact_step_is_never_overwritten(tmp_path):
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="keep"):
-        CheckpointManager(tmp_path, keep=0)
+        CheckpointStore(tmp_path, keep=0)
     with pytest.raises(ValueError, match="best_mode"):
-        CheckpointManager(tmp_path, best_mode="mean")
-    manager = CheckpointManager(tmp_path)
+        CheckpointStore(tmp_path, best_mode="mean")
+    manager = CheckpointStore(tmp_path)
     with pytest.raises(ValueError, match="non-negative"):
         manager.save(-1, small_state(1), metadata={})
     with pytest.raises(TypeError, match="JSON-able"):
@@ -318,11 +323,12 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_damaged_checkpoint_is_detected_and_skipped(tmp_path, damage):
     corrupt, message, still_listed = DAMAGE[damage]
-    manager = CheckpointManager(tmp_path)
+    manager = CheckpointStore(tmp_path)
     manager.save(1, small_state(1), metadata=METADATA)
     rng = np.random.default_rng(0)
     big = {"params": {"w": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)}}
     manager.save(2, big, metadata=METADATA)
+    manager.wait()
     corrupt(tmp_path / "2")
     before = snapshot(tmp_path)
 
@@ -344,8 +350,9 @@ def test_damaged_checkpoint_is_detected_and_skipped(tmp_path, damage):
 
 
 def test_only_damaged_checkpoints_is_an_error(tmp_path):
-    manager = CheckpointManager(tmp_path)
+    manager = CheckpointStore(tmp_path)
     manager.save(1, small_state(1), metadata=METADATA)
+    manager.wait()
     _garble_record(tmp_path / "1")
     with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="skipped step 1"):
         manager.restore()
@@ -354,13 +361,15 @@ def test_only_damaged_checkpoints_is_an_error(tmp_path):
 
 
 def test_temporary_directories_are_ignored(tmp_path):
-    manager = CheckpointManager(tmp_path)
+    manager = CheckpointStore(tmp_path)
     manager.save(1, small_state(1), metadata=METADATA)
+    manager.wait()
     leftover = tmp_path / f"2{TMP_SUFFIX}"
     shutil.copytree(tmp_path / "1", leftover)  # complete-looking, but never committed
     assert manager.steps() == [1]
     assert manager.restore(target=small_state(0))[1]["step"] == 1
     manager.save(2, small_state(2), metadata=METADATA)  # orbax replaces its temporary
+    manager.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
 
 
@@ -402,7 +411,7 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, mode):
     assert not (directory / "2").exists(), "the save finished before the kill"
     assert (directory / f"2{TMP_SUFFIX}").is_dir()
 
-    manager = CheckpointManager(directory)
+    manager = CheckpointStore(directory)
     assert manager.steps() == [1]
     restored, record = manager.restore(target=small_state(0))  # no warning: nothing damaged
     assert record["step"] == 1
@@ -415,9 +424,9 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, mode):
 
 
 def test_a_step_linked_from_outside_the_directory_is_refused(tmp_path):
-    outside = CheckpointManager(tmp_path / "other")
+    outside = CheckpointStore(tmp_path / "other")
     outside.save(5, small_state(5), metadata=METADATA)
-    manager = CheckpointManager(tmp_path / "run")
+    manager = CheckpointStore(tmp_path / "run")
     manager.save(1, small_state(1), metadata=METADATA)
     (tmp_path / "run" / "5").symlink_to(tmp_path / "other" / "5")
     assert manager.steps() == [1]
@@ -428,13 +437,14 @@ def test_a_step_linked_from_outside_the_directory_is_refused(tmp_path):
     assert record["step"] == 1
 
 
-def test_a_record_of_the_format_before_checksums_says_which_version_wrote_it(tmp_path):
-    manager = CheckpointManager(tmp_path)
+def test_a_record_of_an_older_format_says_another_version_wrote_it(tmp_path):
+    manager = CheckpointStore(tmp_path)
     manager.save(1, small_state(1), metadata=METADATA)
+    manager.wait()
     path = tmp_path / "1" / "metadata" / "metadata.json"
     record = json.loads(path.read_text())
     del record["record_crc32"]
-    record["format"] = "fnnet-checkpoint-1"
+    record["format"] = "fnnet-checkpoint-2"  # whole-array CRC-32s, written from the host
     path.write_text(json.dumps(record))
     with pytest.raises(CorruptCheckpointError, match="written by another version of fnnet"):
         manager.restore(1)

@@ -82,7 +82,7 @@ def test_non_finite_loss_stops_with_the_step_and_writes_no_checkpoint(tmp_path):
             checkpoint=train.Checkpoints(tmp_path / "ckpt", every=8), progress=False,
         )  # fmt: skip
     assert "loss" in str(err.value)
-    manager = train.CheckpointManager(tmp_path / "ckpt")
+    manager = train.CheckpointStore(tmp_path / "ckpt")
     assert manager.steps() == []
     # The error hands back the state from the start of the failed chunk: every
     # value finite, and its step that chunk's first.
@@ -119,7 +119,7 @@ def test_sigkill_mid_training_loses_at_most_the_work_since_the_last_checkpoint(t
     subprocess.run(straight_cmd, check=True, timeout=120)
     cmd, out = _run_worker(tmp_path, "killed", 36, "--slow")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manager = train.CheckpointManager(tmp_path / "killed")
+    manager = train.CheckpointStore(tmp_path / "killed")
     deadline = time.time() + 90
     while not manager.steps() and time.time() < deadline:
         time.sleep(0.1)
@@ -157,10 +157,10 @@ def test_load_model_tells_how_to_restore_a_custom_model(tmp_path):
         model, optax.adam(1e-2), train.softmax_cross_entropy, _blobs(), steps=4, batch_size=16,
         checkpoint=tmp_path / "ckpt", progress=False,
     )  # fmt: skip
-    with pytest.raises(ValueError, match=r"CheckpointManager\(.*ckpt.*\)\.restore\(\)"):
+    with pytest.raises(ValueError, match=r"CheckpointStore\(.*ckpt.*\)\.restore\(\)"):
         train.load_model(tmp_path / "ckpt")
     # What the message says to do works.
-    tree, _ = train.CheckpointManager(tmp_path / "ckpt").restore()
+    tree, _ = train.CheckpointStore(tmp_path / "ckpt").restore()
     for a, b in zip(jax.tree.leaves(tree["state"].params), jax.tree.leaves(result.state.params)):
         np.testing.assert_array_equal(a, b)
 

@@ -6,6 +6,7 @@ refused, and after a SIGKILL of the holder the lock is free again.
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -26,7 +27,7 @@ from fnnet.train import (
     CheckpointDirectoryError,
     CheckpointError,
     CheckpointLockedError,
-    CheckpointManager,
+    CheckpointStore,
     DirectoryLock,
     check_checkpoint_dir,
     data_fingerprint,
@@ -311,12 +312,26 @@ def test_check_refuses_odd_paths(tmp_path):
         check_checkpoint_dir(link)
 
 
-def test_a_url_is_refused_instead_of_becoming_a_local_folder(tmp_path, monkeypatch):
+def test_a_url_stays_a_url_and_a_missing_package_is_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointDirectoryError, match="'gs://bucket/run' is a URL"):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gcsfs" else real_find_spec(name, *a),
+    )
+    with pytest.raises(
+        CheckpointDirectoryError, match=r"needs the package gcsfs .*pip install gcsfs"
+    ):
         check_checkpoint_dir("gs://bucket/run")
-    with pytest.raises(CheckpointDirectoryError, match=r"CheckpointManager\('gs://b/x'\)"):
-        CheckpointManager("gs://b/x")
+    with pytest.raises(CheckpointDirectoryError, match=r"CheckpointStore\('gs://b/x'\).*gcsfs"):
+        CheckpointStore("gs://b/x")
+    with pytest.raises(CheckpointDirectoryError, match=r"scheme ftp://.*not support"):
+        CheckpointStore("ftp://host/run")
+    # With the package there, the directory is the bucket's URL, not a local folder.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    store = CheckpointStore("gs://b/x")
+    assert str(store.directory) == "gs://b/x" and str(store.directory / "3") == "gs://b/x/3"
     assert not any(tmp_path.iterdir())  # no folder named gs: appeared
 
 
@@ -425,7 +440,7 @@ def test_an_unreadable_lock_file_still_names_the_directory(tmp_path):
 
 
 def test_checkpoints_beside_the_lock_file_list_prune_and_restore(tmp_path):
-    manager = CheckpointManager(tmp_path, keep=2)
+    manager = CheckpointStore(tmp_path, keep=2)
     with DirectoryLock(tmp_path):
         for step in (1, 2, 3):
             manager.save(step, small_state(step), metadata=METADATA)

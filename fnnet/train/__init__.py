@@ -5,7 +5,7 @@ One step is forward pass, error, backpropagation and update (:func:`make_train_s
 the device, or on batches streamed from the host (:class:`NpyBatches` reads ``.npy``
 files); :func:`init_replicas` trains independent seeds side by side with
 ``jax.vmap``; :func:`fit` repeats the steps with logging, evaluation, early
-stopping and checkpoints (:class:`CheckpointManager`) that resume exactly;
+stopping and checkpoints (:class:`CheckpointStore`) that resume exactly;
 :func:`peak_flops`, :func:`matmul_flops` and :func:`mfu` say what a step costs.
 
 Training sits on ``fnnet.models`` and the layers. ``fit`` trains on every local
@@ -33,18 +33,17 @@ from fnnet.train._metrics import accuracy, top_k_accuracy
 from fnnet.train._precision import Policy, apply_with_policy, policy_for_backend
 from fnnet.train._evaluate import EvaluationError, evaluate, predict
 from fnnet.train._inputs import ParamsError, check_labels, check_params, split_inputs
-from fnnet.train._checkpoint import (
+from fnnet.train._checkpoint_errors import (
     CheckpointDirectoryError,
     CheckpointError,
     CheckpointExistsError,
     CheckpointLockedError,
-    CheckpointManager,
     CheckpointMismatchError,
     CheckpointWarning,
     CorruptCheckpointError,
     NonFiniteCheckpointError,
-    load_metadata,
 )
+from fnnet.train._checkpoint import CheckpointStore, load_metadata
 from fnnet.train._lock import DirectoryLock, check_checkpoint_dir
 from fnnet.train._fingerprint import data_fingerprint, differences, fingerprint
 from fnnet.train._clock import CompileClock
@@ -71,7 +70,7 @@ from fnnet.train._loop import (
 )
 
 __all__ = [
-    "CheckpointError", "CheckpointExistsError", "CheckpointManager", "CheckpointMismatchError",
+    "CheckpointError", "CheckpointExistsError", "CheckpointMismatchError", "CheckpointStore",
     "CheckpointWarning", "Checkpoints", "CompileClock", "CorruptCheckpointError", "EarlyStopping",
     "EvaluationError", "Event", "FitResult", "JsonLog", "LabelError", "NonFiniteCheckpointError",
     "NonFiniteError", "Policy", "Progress", "RestoreBest", "ResumeError", "TensorBoard",

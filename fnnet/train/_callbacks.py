@@ -7,7 +7,9 @@ has, in the order the callbacks were given:
   (``event.history`` holds the rows restored from the checkpoint);
 * ``on_chunk_end(event)``: after every compiled chunk of steps;
 * ``on_evaluation(event)``: after an evaluation (``event.rows`` hold ``eval_*``);
-* ``on_checkpoint(event)``: after a checkpoint is committed (``event.checkpoint``);
+* ``on_checkpoint(event)``: after a checkpoint's save is issued (``event.checkpoint``;
+  with ``Checkpoints(async_save=True)``, the default, it is written in the
+  background and committed before the next save starts and before ``fit`` returns);
 * ``on_end(result) -> FitResult | None``: once training is over; a result
   returned replaces the one ``fit`` returns.
 
@@ -51,7 +53,7 @@ class Event:
       replicas: the number of stacked replicas, or None for one run.
       primary: whether this process writes files (process 0).
       compile_seconds: seconds spent compiling during this chunk.
-      checkpoint: the committed checkpoint's directory (``on_checkpoint`` only).
+      checkpoint: the saved step's directory (``on_checkpoint`` only).
       sets: the names of the evaluation sets (``("eval",)`` for one ``(x, y)``).
     """
 

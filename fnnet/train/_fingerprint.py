@@ -53,7 +53,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnnet.train._checkpoint import _crc32, _path_str
+from fnnet.train._record import path_str as _path_str
+
+
+def _crc32(host: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(host).reshape(-1).view(np.uint8))
+
 
 _MAX_DEPTH = 32
 _CHECKSUM_BYTES = 1 << 20  # larger arrays get shape and dtype only: no device read

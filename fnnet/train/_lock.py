@@ -27,20 +27,18 @@ import socket
 import tempfile
 from typing import Any
 
-from fnnet.train._checkpoint import (
+from fnnet.train._checkpoint import storage_path
+from fnnet.train._checkpoint_errors import (
     CheckpointDirectoryError,
     CheckpointError,
     CheckpointLockedError,
-    refuse_url,
 )
 
 LOCK_FILE = ".fnnet-lock"
 _HOLDER_BYTES = 4096  # far more than one line of pid, host and time
 
 
-def check_checkpoint_dir(
-    path: str | os.PathLike, *, argument: str = "checkpoint_dir"
-) -> pathlib.Path:
+def check_checkpoint_dir(path: str | os.PathLike, *, argument: str = "checkpoint_dir") -> Any:
     """Makes sure checkpoints can be written to ``path``, before any training.
 
     Creates the directory (and its parents) if missing, then creates and removes a
@@ -51,7 +49,8 @@ def check_checkpoint_dir(
       argument: the name the caller knows ``path`` by, for the error messages.
 
     Returns:
-      ``path`` as an absolute ``pathlib.Path``.
+      ``path`` as an absolute ``pathlib.Path``, or a URL (``gs://``) as an
+      ``etils.epath.Path``.
 
     Raises:
       TypeError: ``path`` is not a str or path.
@@ -65,10 +64,20 @@ def check_checkpoint_dir(
             f"{type(path).__name__} {path!r}"
         )
     where = f"{argument}={os.fspath(path)!r}"
-    refuse_url(path, argument)
     if not os.fspath(path):
         raise CheckpointDirectoryError(f"{where} is empty; give the directory to save into")
-    directory = pathlib.Path(path).absolute()
+    directory = storage_path(path, argument)
+    if not isinstance(directory, pathlib.Path):  # a bucket: try a write there too
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            probe = directory / ".fnnet-write-check"
+            probe.write_text("")
+            probe.unlink()
+        except Exception as e:  # each file-system package raises its own kinds
+            raise CheckpointDirectoryError(
+                f"{where}: cannot write to {directory}: {type(e).__name__}: {e}"
+            ) from e
+        return directory
     try:
         if directory.exists() and not directory.is_dir():
             raise CheckpointDirectoryError(

@@ -35,7 +35,8 @@ from jax.sharding import AxisType, Mesh
 from fnnet._src.layer import Layer
 from fnnet.models import build, config_of
 from fnnet.train import _callbacks, _cost, _stream
-from fnnet.train._checkpoint import CheckpointError, CheckpointManager, load_metadata
+from fnnet.train._checkpoint import CheckpointStore, load_metadata
+from fnnet.train._checkpoint_errors import CheckpointError
 from fnnet.train._clock import CompileClock
 from fnnet.train._evaluate import _batch_sums
 from fnnet.train._fingerprint import data_fingerprint, differences, fingerprint
@@ -101,15 +102,21 @@ class Checkpoints:
       seconds: checkpoint at the first chunk end this many seconds after the
         last save (process 0's clock decides for every process).
       keep: how many of the newest checkpoints to keep.
+      async_save: write each checkpoint in the background while training goes
+        on (the next save, and the end of ``fit``, wait for it); False blocks
+        at each save until it is committed.
 
     With neither ``every`` nor ``seconds`` a checkpoint follows every
-    evaluation; there is always one at the end of training.
+    evaluation; there is always one at the end of training. ``directory`` may
+    be a bucket (``gs://bucket/run``, with ``gcsfs`` installed); there ``fit``
+    takes no lock (an object store has none), and says so.
     """
 
     directory: str | os.PathLike
     every: int | None = None
     seconds: float | None = None
     keep: int = 3
+    async_save: bool = True
 
 
 @dataclasses.dataclass
@@ -267,6 +274,10 @@ def _check_checkpoints(checkpoint: Any) -> Checkpoints | None:
         )
     _positive_int(checkpoint.every, "checkpoint.every", optional=True)
     _positive_int(checkpoint.keep, "checkpoint.keep")
+    if not isinstance(checkpoint.async_save, bool):
+        raise TypeError(
+            f"fit: checkpoint.async_save must be True or False, got {checkpoint.async_save!r}"
+        )
     if checkpoint.seconds is not None and not (
         isinstance(checkpoint.seconds, numbers.Real)
         and math.isfinite(checkpoint.seconds)
@@ -711,22 +722,43 @@ def fit(
     directory = lock = None
     if checkpoint is not None:
         directory = check_checkpoint_dir(checkpoint.directory, argument="checkpoint")
-        if primary:
+        if primary and isinstance(directory, pathlib.Path):
             lock = DirectoryLock(directory)
             lock.acquire()
+        elif primary:
+            notice = (
+                f"fit: {directory} is a bucket, where no lock can be taken: make sure no "
+                "other run trains into it"
+            )
+            notices.append(notice)
+            print(notice, file=sys.stderr)
+    manager = None
     try:
+        if checkpoint is not None:
+            # fit holds the directory's lock: no save of another run is under way.
+            manager = CheckpointStore(
+                directory, keep=checkpoint.keep, async_save=checkpoint.async_save,
+                remove_unfinished=True,
+            )  # fmt: skip
+            for path in manager.removed:
+                notice = f"fit: removed {path}, the unfinished save of an interrupted run"
+                notices.append(notice)
+                print(notice, file=sys.stderr)
         return _train(
             model, optimizer, loss_fn, (x, y) if feed is None else feed, sets, steps=steps,
             batch_size=batch_size, per_epoch=per_epoch, seed=seed, replicas=replicas,
             hyperparams=hyperparams, vectorize_replicas=vectorize_replicas, shuffle=shuffle,
             metric_fns=metric_fns, eval_every=eval_every,
             eval_batch_size=eval_batch_size, early_stopping=early_stopping, mode=mode,
-            checkpoint=checkpoint, directory=directory, callbacks=callbacks, where=where,
+            checkpoint=checkpoint, directory=directory, manager=manager, callbacks=callbacks,
+            where=where,
             steps_per_call=steps_per_call, donate=donate, policy=policy, peak=peak,
             run_identity=run_identity,
             settings=dict(settings or {}), progress=progress, notices=notices,
         )  # fmt: skip
     finally:
+        if manager is not None:
+            manager.close()  # the last save is committed before fit returns (or raises)
         if lock is not None:
             lock.release()
 
@@ -735,8 +767,8 @@ def _train(
     model, optimizer, loss_fn, data, sets, *, steps, batch_size, per_epoch, seed, replicas,
     hyperparams, vectorize_replicas, shuffle, metric_fns, eval_every, eval_batch_size,
     early_stopping, mode,
-    checkpoint, directory, callbacks, where, steps_per_call, donate, policy, peak, run_identity,
-    settings, progress, notices,
+    checkpoint, directory, manager, callbacks, where, steps_per_call, donate, policy, peak,
+    run_identity, settings, progress, notices,
 ) -> FitResult:  # fmt: skip
     primary = jax.process_index() == 0
     replicated = replicas is not None
@@ -811,7 +843,6 @@ def _train(
     done = 0
     resumed_from = None
     seconds = {"train": 0.0, "compile": 0.0, "evaluate": 0.0}
-    manager = None
     saved_callbacks = [c for c in callbacks if hasattr(c, "save")]
     event = _callbacks.Event(
         step=0, steps=steps, state=state, rows=[], history=history, replicas=replicas,
@@ -819,13 +850,7 @@ def _train(
     )  # fmt: skip
     # A resumable callback starts fresh first: its tree shapes the restore's target.
     _callbacks.call(saved_callbacks, "on_start", event)
-    if checkpoint is not None:
-        manager = CheckpointManager(directory, keep=checkpoint.keep)
-        if primary:  # fit holds the directory's lock: no save of another run is under way
-            for path in manager.remove_unfinished_saves():
-                notice = f"fit: removed {path}, the unfinished save of an interrupted run"
-                notices.append(notice)
-                print(notice, file=sys.stderr)
+    if manager is not None:
         latest = manager.latest_step() if primary else None
         latest = _agree(-1 if latest is None else latest)
         if latest >= 0:
@@ -970,6 +995,8 @@ def _train(
         stop = _agree(bool(finished()))
         if stop:
             break
+    if manager is not None:
+        manager.wait()  # the last checkpoint is on disk before the result is handed out
     seconds["compile"] = clock.seconds
     stopped = [bool(s) for s in stopping["stopped"]]
     result = FitResult(
@@ -1146,10 +1173,10 @@ def load_model(checkpoint_dir: str | pathlib.Path, step: int | None = None):
             f"the checkpoint in {checkpoint_dir} holds a model fnnet cannot rebuild from its "
             "record (not one of fnnet.models, or built with arguments JSON cannot hold). "
             "Build the model as you did for training, then restore its weights with "
-            f"tree, record = fnnet.train.CheckpointManager({str(checkpoint_dir)!r}).restore(); "
+            f"tree, record = fnnet.train.CheckpointStore({str(checkpoint_dir)!r}).restore(); "
             "params = tree['state'].params (or pass target= to restore onto devices)."
         )
-    tree, metadata = CheckpointManager(checkpoint_dir).restore(step)
+    tree, metadata = CheckpointStore(checkpoint_dir).restore(step)
     model = build(metadata["model"])
     state = tree["state"]
     return model, state.params, state.model_state, metadata
