@@ -11,6 +11,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -645,3 +646,57 @@ def test_a_hyperparameter_its_dtype_cannot_hold_is_named():
     optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
     with pytest.raises(ValueError, match=r"learning_rate=.*does not fit .*float32"):
         _fit(seed=[0, 1], optimizer=optimizer, hyperparams={"learning_rate": [0.1, 1e39]})
+
+
+# --- Checkpoints written in the background ------------------------------------------------
+
+
+def _slow_commits(monkeypatch, gate):
+    """Makes every orbax commit (the rename into place) wait for ``gate``."""
+    from orbax.checkpoint._src.path import atomicity
+
+    real = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize(self, *args, **kwargs):
+        gate.wait(timeout=60)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+
+
+def test_a_save_returns_before_its_commit_and_wait_blocks_until_it(tmp_path, monkeypatch):
+    gate = threading.Event()
+    _slow_commits(monkeypatch, gate)
+    store = train.CheckpointStore(tmp_path)
+    state = {"w": jnp.arange(6.0)}
+    store.save(1, state, metadata={})  # returns with the commit still held back
+    assert not (tmp_path / "1").exists()
+    assert [p.name for p in tmp_path.iterdir() if "orbax-checkpoint-tmp" in p.name]
+    gate.set()
+    store.wait()
+    assert store.steps() == [1]
+    np.testing.assert_array_equal(store.restore(1)[0]["w"], state["w"])
+
+
+def test_fit_trains_on_while_a_checkpoint_is_written_and_returns_after_the_last(
+    tmp_path, monkeypatch
+):
+    gate = threading.Event()
+    _slow_commits(monkeypatch, gate)
+    seen = []
+
+    class Watch:  # at each chunk end: is step 6's save still uncommitted?
+        def on_chunk_end(self, event):
+            seen.append((event.step, (tmp_path / "6").exists()))
+            if event.step == 12:
+                gate.set()  # let the commits through, from here on
+
+    result = _fit(steps=18, checkpoint=train.Checkpoints(tmp_path, every=6), callbacks=[Watch()])
+    # Step 12 trained while step 6 was still being written.
+    assert (12, False) in seen
+    # fit returned after its last checkpoint was committed, with nothing left half-written.
+    assert train.CheckpointStore(tmp_path).steps() == [6, 12, 18]
+    assert not [p for p in tmp_path.iterdir() if "orbax-checkpoint-tmp" in p.name]
+    restored, _ = train.CheckpointStore(tmp_path).restore(18)
+    for a, b in zip(_leaves(restored["state"].params), _leaves(result.state.params)):
+        np.testing.assert_array_equal(a, b)

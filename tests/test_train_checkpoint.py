@@ -20,7 +20,10 @@ import numpy as np
 import optax
 import pytest
 from _checkpoint_worker import METADATA, small_state
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from fnnet.train import _digest as digest_lib
 from fnnet.train._checkpoint import (
     CheckpointError,
     CheckpointExistsError,
@@ -448,3 +451,40 @@ def test_a_record_of_an_older_format_says_another_version_wrote_it(tmp_path):
     path.write_text(json.dumps(record))
     with pytest.raises(CorruptCheckpointError, match="written by another version of fnnet"):
         manager.restore(1)
+
+
+# The digest a checkpoint verifies its arrays by.
+
+
+def test_the_digest_is_the_same_on_the_host_on_one_device_and_on_any_sharding():
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.standard_normal((8, 6)).astype(np.float32),
+        rng.standard_normal(16).astype(jnp.bfloat16),
+        np.array([True, False, True, True]),
+        np.arange(-6, 6, dtype=np.int8).reshape(3, 4),
+        np.uint32(7),
+        np.zeros((0, 3), np.float32),
+        np.arange(5, dtype=np.int64),  # 64 bits: two words per element, host only
+    ]
+    on_host = digest_lib.survey(arrays)
+    assert digest_lib.survey([jnp.asarray(a) for a in arrays[:-1]]) == on_host[:-1]
+    split = [
+        jax.device_put(arrays[0], NamedSharding(mesh, P("a", "b"))),
+        jax.device_put(arrays[1], NamedSharding(mesh, P(("a", "b")))),
+        jax.device_put(arrays[3], NamedSharding(mesh, P(None, "a"))),
+    ]
+    assert digest_lib.survey(split) == [on_host[0], on_host[1], on_host[3]]
+    # Any one changed bit changes it, and so does moving a value to another place.
+    for flip in ((0, 0), (3, 5), (7, 5)):
+        changed = arrays[0].copy()
+        changed.view(np.uint32)[flip] ^= 1 << 31
+        assert digest_lib.survey([changed])[0][0] != on_host[0][0], flip
+    swapped = arrays[0].copy()
+    swapped[0, 0], swapped[0, 1] = arrays[0][0, 1], arrays[0][0, 0]
+    assert digest_lib.survey([swapped])[0][0] != on_host[0][0]
+    assert [finite for _, finite in digest_lib.survey([np.float32([1.0, np.inf]), arrays[0]])] == [
+        False,
+        True,
+    ]

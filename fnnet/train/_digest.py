@@ -3,7 +3,7 @@
 The digest of an array is the sum, modulo 2**32, of one mixed word per 32 bits of
 each element, each mixed with the element's position in the whole array::
 
-    digest(x) = sum_i fmix(word_i ^ fmix(i))          (uint32 arithmetic)
+    digest(x) = sum_i fmix(word_i ^ (i * 0x9E3779B1))          (uint32 arithmetic)
 
 A sum does not care which device holds which element, so the same digest comes out
 of a state split over 8 devices, over 2 processes, or held whole on the host, and
@@ -68,34 +68,44 @@ def digest(xp: Any, x: Any) -> Any:
         return xp.uint32(0)
     with np.errstate(over="ignore"):  # uint32 arithmetic wraps, as it should here
         position = _positions(xp, words.shape)
-        return xp.sum(
-            _fmix(xp, words ^ _fmix(xp, position * xp.uint32(0x9E3779B1))), dtype=xp.uint32
-        )
+        return xp.sum(_fmix(xp, words ^ (position * xp.uint32(0x9E3779B1))), dtype=xp.uint32)
 
 
-def _nonfinite(xp: Any, x: Any) -> tuple[Any, Any]:
-    if not jnp.issubdtype(x.dtype, jnp.inexact):  # jnp knows bfloat16 is one
-        return xp.int32(0), xp.int32(0)
-    return xp.sum(xp.isnan(x), dtype=xp.int32), xp.sum(xp.isinf(x), dtype=xp.int32)
+def _finite(xp: Any, x: Any) -> Any:
+    """Whether every element is finite: the largest magnitude is (NaN propagates)."""
+    if not jnp.issubdtype(x.dtype, jnp.inexact) or x.size == 0:  # jnp knows bfloat16 is one
+        return xp.bool_(True)
+    return xp.isfinite(xp.max(xp.abs(x)))
 
 
 @jax.jit
-def _on_device(arrays: list[jax.Array]) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
-    return [(digest(jnp, x), *_nonfinite(jnp, x)) for x in arrays]
+def _on_device(arrays: list[jax.Array]) -> jax.Array:
+    """``(digest, finite)`` per array, as one (n, 2) array: one transfer back."""
+    return jnp.stack(
+        [jnp.stack([digest(jnp, x), _finite(jnp, x).astype(jnp.uint32)]) for x in arrays]
+    )
 
 
-def survey(leaves: list[Any]) -> list[tuple[int, int, int]]:
-    """``(digest, NaN count, infinity count)`` of each leaf: JAX arrays on their devices
-    (one compiled program; in a run over several processes every process must call
-    it, as every process saves and restores), the rest on the host."""
+def survey(leaves: list[Any]) -> list[tuple[int, bool]]:
+    """``(digest, all finite)`` of each leaf: JAX arrays on their devices (one
+    compiled program; in a run over several processes every process must call it,
+    as every process saves and restores), the rest on the host."""
     out: list[Any] = [None] * len(leaves)
     on_device = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
     if on_device:
-        for i, values in zip(on_device, _on_device([leaves[i] for i in on_device])):
-            # The results are replicated: every process reads its own copy.
-            out[i] = tuple(int(np.asarray(v.addressable_data(0))) for v in values)
+        # The result is replicated: every process reads its own copy.
+        values = np.asarray(_on_device([leaves[i] for i in on_device]).addressable_data(0))
+        for i, (value, finite) in zip(on_device, values):
+            out[i] = (int(value), bool(finite))
     for i, leaf in enumerate(leaves):
         if out[i] is None:
             host = np.asarray(leaf)
-            out[i] = tuple(int(v) for v in (digest(np, host), *_nonfinite(np, host)))
+            out[i] = (int(digest(np, host)), bool(_finite(np, host)))
     return out
+
+
+def count_nonfinite(leaf: Any) -> tuple[int, int]:
+    """How many NaN and infinite values ``leaf`` holds (for the message, after
+    ``survey`` found some)."""
+    xp = jnp if isinstance(leaf, jax.Array) else np
+    return int(xp.sum(xp.isnan(leaf))), int(xp.sum(xp.isinf(leaf)))
