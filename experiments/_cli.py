@@ -71,6 +71,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     run.add_argument("--num-processes", type=int, help="with --distributed: how many take part")
     run.add_argument("--process-id", type=int, help="with --distributed: this one's index")
     run.add_argument(
+        "--checkpoints",
+        metavar="DIR",
+        help="where the runs' checkpoints go (default OUT/NAME/checkpoints): on several "
+        "hosts a bucket (gs://..., with gcsfs) or a disk every host mounts",
+    )
+    run.add_argument(
         "--checkpoint-seconds",
         type=float,
         default=30.0,
@@ -111,7 +117,8 @@ def _folder(text: str) -> pathlib.Path:
     a local folder ``gs:/b``); copy results to a bucket afterwards (docs/tpu.md)."""
     if "://" in text:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is a URL; --out takes a folder on disk (copy it to a bucket afterwards)"
+            f"{text!r} is a URL; --out takes a folder on disk (copy it to a bucket afterwards; "
+            "--checkpoints takes a bucket)"
         )
     return pathlib.Path(text)
 
@@ -163,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         return 0
     from fnnet import distributed
+    from fnnet.train import CheckpointDirectoryError
 
     try:
         peers = (args.coordinator, args.num_processes, args.process_id)
@@ -180,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 raise ValueError(f"--compile-cache: {e}") from None
         mesh = _mesh(args.mesh)
-    except (distributed.BackendError, ValueError) as e:
+        if args.checkpoints is not None:
+            from fnnet.train._checkpoint import storage_path
+
+            storage_path(args.checkpoints, "--checkpoints")  # a URL's package is named now
+    except (distributed.BackendError, ValueError, TypeError, CheckpointDirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _suite.execute(
@@ -189,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         checkpoint_seconds=args.checkpoint_seconds,
         mesh=mesh,
+        checkpoints=args.checkpoints,
     )
     print(f"results: {out / 'README.md'}")
     for p in plans:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import pathlib
 import sys
 import time
@@ -119,7 +120,10 @@ def _record_path(out: pathlib.Path, name: str, run: Run) -> pathlib.Path:
     return out / name / "runs" / f"{run.key}-{run.fingerprint()}.json"
 
 
-def _checkpoint_dir(out: pathlib.Path, name: str, run: Run) -> pathlib.Path:
+def _checkpoint_dir(out: pathlib.Path, name: str, run: Run, root: str | None = None) -> Any:
+    """``OUT/NAME/checkpoints/RUN``, or ``ROOT/NAME/RUN`` (a path or a URL) when given."""
+    if root is not None:
+        return f"{os.fspath(root).rstrip('/')}/{name}/{run.key}-{run.fingerprint()}"
     return out / name / "checkpoints" / f"{run.key}-{run.fingerprint()}"
 
 
@@ -140,10 +144,13 @@ def execute(
     progress: bool = True,
     checkpoint_seconds: float = 30.0,
     mesh="auto",
+    checkpoints: str | None = None,
 ) -> None:
     """Trains every unfinished run of every plan, then writes each experiment's reports.
 
-    ``mesh`` is ``fnnet.train.fit``'s (``"auto"``: every device). With several
+    ``mesh`` is ``fnnet.train.fit``'s (``"auto"``: every device). ``checkpoints``
+    puts the runs' checkpoints elsewhere than under ``out`` (a bucket, or a disk
+    every host of a multi-host run sees). With several
     processes (``jax.distributed``) every process trains every run and saves
     checkpoints together; only process 0 shows progress and writes records, tables
     and plots, so what is left to run is what process 0 finds, told to the others.
@@ -184,7 +191,7 @@ def execute(
                     rows, curves = train_fnnet(
                         run,
                         task,
-                        _checkpoint_dir(out, name, run),
+                        _checkpoint_dir(out, name, run, checkpoints),
                         checkpoint_seconds=checkpoint_seconds,
                         advance=advance,
                         mesh=mesh,

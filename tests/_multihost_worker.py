@@ -23,6 +23,8 @@ from jax.experimental import multihost_utils
 
 import fnnet
 from fnnet import distributed, train
+from fnnet.train import CheckpointDirectoryError
+from fnnet.train._lock import check_shared
 
 DEVICES_PER_PROCESS = 4
 STEPS = 3
@@ -78,6 +80,17 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
             multihost_utils.process_allgather(a, tiled=True),
             multihost_utils.process_allgather(b, tiled=True),
         )
+    # A checkpoint directory must be one place for every process: a folder of each
+    # host's own is refused in every process, a shared one passes.
+    check_shared(pathlib.Path(out_dir) / "ckpt")
+    own = pathlib.Path(out_dir) / f"own-{process_id}"
+    own.mkdir()
+    try:
+        check_shared(own)
+    except CheckpointDirectoryError as e:
+        assert "process(es) [1] do not see a file process 0 wrote" in str(e), e
+    else:
+        raise AssertionError("a directory of each process's own was accepted")
     params = {
         jax.tree_util.keystr(kp): multihost_utils.process_allgather(leaf, tiled=True)
         for kp, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]

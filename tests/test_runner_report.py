@@ -3,6 +3,7 @@ rebuilds from the records that exist, its plots, and the mistakes it stops first
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -23,7 +24,8 @@ QUICK = ["run", "architectures", "--quick", "steps=20", "models=linear,cnn", "--
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runner")
-    assert _cli.main([*QUICK, "--out", str(out)]) == 0
+    # The checkpoints apart from the results, as on several hosts with a shared disk.
+    assert _cli.main([*QUICK, "--out", str(out), "--checkpoints", f"{out}-checkpoints"]) == 0
     return out
 
 
@@ -358,4 +360,25 @@ def test_an_out_url_is_refused_before_anything_is_written(capsys, tmp_path, monk
         _cli.main(["run", "depth", "--quick", "--out", "gs://bucket/results"])
     assert exit_.value.code == 2
     assert "is a URL; --out takes a folder on disk" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_checkpoints_can_live_apart_from_the_results(quick_run):
+    assert not (quick_run / "architectures" / "checkpoints").exists()
+    runs = sorted((quick_run.parent / f"{quick_run.name}-checkpoints" / "architectures").iterdir())
+    assert len(runs) == 2  # linear and cnn, each with its committed steps
+    assert all(any(p.name.isdigit() for p in run.iterdir()) for run in runs)
+
+
+def test_a_bucket_for_checkpoints_without_its_package_is_named_before_any_work(
+    capsys, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gcsfs" else real(name, *a)
+    )
+    code = _cli.main(["run", "depth", "--quick", "--checkpoints", "gs://bucket/ckpt"])
+    assert code == 2
+    assert "needs the package gcsfs" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -165,6 +165,12 @@ class CheckpointStore:
                 best_mode=self.best_mode,
                 enable_async_checkpointing=self.async_save,
                 create=False,
+                # A bucket renames by copying, so a step commits by its marker file there.
+                temporary_path_class=(
+                    None
+                    if isinstance(self.directory, pathlib.Path)
+                    else ocp.path.atomicity.CommitFileTemporaryPath
+                ),
             )
             registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
             arrays = ocp.StandardCheckpointHandler()

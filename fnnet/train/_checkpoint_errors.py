@@ -74,3 +74,10 @@ class CheckpointLockedError(CheckpointError):
 
 class CheckpointWarning(UserWarning):
     """A damaged checkpoint was skipped or moved aside."""
+
+
+for _error in (
+    CheckpointError, CorruptCheckpointError, CheckpointMismatchError, NonFiniteCheckpointError,
+    CheckpointExistsError, CheckpointDirectoryError, CheckpointLockedError, CheckpointWarning,
+):  # fmt: skip
+    _error.__module__ = "fnnet.train"  # shown where users import them, as fnnet.LayerError is

@@ -23,9 +23,14 @@ import fcntl
 import json
 import os
 import pathlib
+import secrets
 import socket
 import tempfile
 from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from fnnet.train._checkpoint import storage_path
 from fnnet.train._checkpoint_errors import (
@@ -102,6 +107,38 @@ def check_checkpoint_dir(path: str | os.PathLike, *, argument: str = "checkpoint
     os.close(fd)
     os.unlink(probe)
     return directory
+
+
+def check_shared(directory: Any, *, argument: str = "checkpoint_dir") -> None:
+    """In a run over several processes, makes sure every process sees ``directory``
+    as the same place: each writes its own shards there and process 0 the record,
+    so a folder on each host's own disk would give checkpoints no host can restore.
+
+    Process 0 writes a file with a fresh name, every process looks for it.
+    Nothing to do in a run of one process.
+
+    Raises:
+      CheckpointDirectoryError: some process does not see the file (all raise).
+    """
+    if jax.process_count() == 1:
+        return
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+    probe = directory / f".fnnet-shared-{token}"
+    if jax.process_index() == 0:
+        probe.write_text("")
+    multihost_utils.sync_global_devices("fnnet-shared-written")
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(probe.exists())))
+    multihost_utils.sync_global_devices("fnnet-shared-read")
+    if jax.process_index() == 0:
+        probe.unlink()
+    blind = [int(i) for i in np.flatnonzero(seen == 0)]
+    if blind:
+        raise CheckpointDirectoryError(
+            f"{argument}={str(directory)!r} is not one place for every process: process(es) "
+            f"{blind} do not see a file process 0 wrote there, so no host could restore the "
+            "checkpoints (each process writes its own shards). Give a bucket (gs://...) or a "
+            "disk that every host mounts at the same path."
+        )
 
 
 def _create(directory: pathlib.Path, where: str) -> None:

@@ -41,7 +41,7 @@ from fnnet.train._clock import CompileClock
 from fnnet.train._evaluate import _batch_sums
 from fnnet.train._fingerprint import data_fingerprint, differences, fingerprint
 from fnnet.train._inputs import check_labels, init_example
-from fnnet.train._lock import DirectoryLock, check_checkpoint_dir
+from fnnet.train._lock import DirectoryLock, check_checkpoint_dir, check_shared
 from fnnet.train._precision import Policy, describe_policy, resolve_policy
 from fnnet.train._sharding import make_sharded_steps, replicate, shard_state
 from fnnet.train._state import TrainState, init_replicas, init_state, set_hyperparams
@@ -722,6 +722,7 @@ def fit(
     directory = lock = None
     if checkpoint is not None:
         directory = check_checkpoint_dir(checkpoint.directory, argument="checkpoint")
+        check_shared(directory, argument="checkpoint")
         if primary and isinstance(directory, pathlib.Path):
             lock = DirectoryLock(directory)
             lock.acquire()
