@@ -75,6 +75,7 @@ bench: $(BENCH_STAMP)
 	  --contenders jnp,nnx_split,fnnet,fused,torch,torch1 --repeats 2
 	$(PY) -m bench.runner --repeats 3 --steps 2000
 	$(PY) -m bench.accelerator --size tiny
+	$(PY) -m bench.checkpoint --repeats 5
 
 # What `make test` runs with: the interpreter and the libraries that decide the results.
 versions: $(TEST_STAMP)
