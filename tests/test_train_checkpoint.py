@@ -392,10 +392,13 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, mode):
             env=env,
         )
     try:
-        # "large": kill as soon as orbax has made step 2's temporary directory, while
-        # the ~200 MB are being written. "hang": kill at the commit, after every file.
+        # "large": kill once save() has returned and the ~200 MB are being written in
+        # the background (async). "hang": kill at the commit, after every file.
         ready = (
-            (lambda: (directory / f"2{TMP_SUFFIX}").exists())
+            (
+                lambda: "saving 2 in the background" in out.read_text()
+                and (directory / f"2{TMP_SUFFIX}").exists()
+            )
             if mode == "large"
             else (lambda: "committing" in out.read_text())
         )
