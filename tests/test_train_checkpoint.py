@@ -396,8 +396,10 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, mode):
         # the background (async). "hang": kill at the commit, after every file.
         ready = (
             (
-                lambda: "saving 2 in the background" in out.read_text()
-                and (directory / f"2{TMP_SUFFIX}").exists()
+                lambda: (
+                    "saving 2 in the background" in out.read_text()
+                    and (directory / f"2{TMP_SUFFIX}").exists()
+                )
             )
             if mode == "large"
             else (lambda: "committing" in out.read_text())

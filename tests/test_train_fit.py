@@ -16,6 +16,7 @@ import pytest
 import fnnet
 from fnnet import train
 from fnnet.models import config_of
+from fnnet.train import _record
 
 WORKER = os.path.join(os.path.dirname(__file__), "_fit_worker.py")
 
@@ -176,4 +177,20 @@ def test_an_edited_model_record_is_refused_not_rebuilt_as_another_model(tmp_path
     record.write_text(text.replace('"relu"', '"tanh"'))  # same parameter tree, other model
     warned = pytest.warns(train.CheckpointWarning, match="does not match its checksum")
     with warned, pytest.raises(train.CheckpointError, match="no intact"):
+        train.load_model(tmp_path / "ckpt")
+
+
+def test_load_model_refuses_a_record_that_describes_another_tree_even_if_resealed(tmp_path):
+    train.fit(
+        fnnet.models.mlp(3, (16,)), optax.adam(1e-2), train.softmax_cross_entropy, _blobs(),
+        steps=4, batch_size=16, checkpoint=tmp_path / "ckpt", progress=False,
+    )  # fmt: skip
+    (path,) = (tmp_path / "ckpt").glob("*/metadata/metadata.json")
+    record = json.loads(path.read_text())
+    assert record["model"]["kwargs"]["hidden"] == [16]
+    record["model"]["kwargs"]["hidden"] = [8]  # checksummed again, as a deliberate edit would be
+    path.write_text(
+        json.dumps(_record.seal({k: v for k, v in record.items() if k != "record_crc32"}))
+    )
+    with pytest.raises(ValueError, match=r"do not fit the model its record describes.*\(16, 3\)"):
         train.load_model(tmp_path / "ckpt")

@@ -905,6 +905,7 @@ def _train(
             "run": run_identity,
             "loop": loop,
             "model": config_of(model),
+            "example": _example_spec(example),
             "settings": settings,
             "fit": {"batch_size": batch_size, "steps": steps, "replicas": replicas},
         }
@@ -1180,4 +1181,42 @@ def load_model(checkpoint_dir: str | pathlib.Path, step: int | None = None):
     tree, metadata = CheckpointStore(checkpoint_dir).restore(step)
     model = build(metadata["model"])
     state = tree["state"]
+    _check_rebuilt(model, state, metadata, checkpoint_dir)
     return model, state.params, state.model_state, metadata
+
+
+def _example_spec(example: Any) -> Any:
+    """One input's shapes and dtypes as JSON (a dict of inputs stays a dict)."""
+    if isinstance(example, Mapping):
+        return {str(k): _example_spec(v) for k, v in example.items()}
+    return {"shape": list(np.shape(example)), "dtype": str(np.asarray(example).dtype)}
+
+
+def _example_struct(spec: Any) -> Any:
+    if set(spec) == {"shape", "dtype"} and isinstance(spec["shape"], list):
+        return jax.ShapeDtypeStruct(tuple(spec["shape"]), np.dtype(spec["dtype"]))
+    return {k: _example_struct(v) for k, v in spec.items()}
+
+
+def _check_rebuilt(model: Layer, state: Any, metadata: dict, directory: Any) -> None:
+    """The model rebuilt from the record must have exactly the restored tree: a record
+    that says another model than the weights were trained for is refused."""
+    example = _example_struct(metadata["example"])
+    want = jax.eval_shape(lambda ex: init_example(model, jax.random.key(0), ex), example)
+    replicas = metadata["fit"]["replicas"] is not None
+
+    def shapes(tree, skip=0):
+        return {
+            jax.tree_util.keystr(path): (tuple(leaf.shape[skip:]), str(leaf.dtype))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+        }
+
+    have = shapes((state.params, state.model_state), skip=1 if replicas else 0)
+    need = shapes(want)
+    if have != need:
+        lines = [f"{p}: model {need.get(p)}, checkpoint {have.get(p)}"
+                 for p in sorted(set(have) | set(need)) if have.get(p) != need.get(p)]  # fmt: skip
+        raise ValueError(
+            f"the checkpoint in {directory} holds weights that do not fit the model its record "
+            f"describes ({model.kind}): " + "; ".join(lines[:8])
+        )
