@@ -50,7 +50,7 @@ from fnnet.train._checkpoint_errors import (
     CorruptCheckpointError,
     NonFiniteCheckpointError,
 )
-from fnnet.train._digest import count_nonfinite, survey
+from fnnet.train._digest import survey
 from fnnet.train._record import ARRAYS, RECORD_FILE, RECORD_ITEM, check_step, describe, path_str
 
 _STEP_NAME = re.compile(r"[0-9]+")
@@ -289,11 +289,10 @@ class CheckpointStore:
         step = check_step(step)
         record = _record.new_record(step, metadata, metrics)
         arrays, stored, spec, structure = _record.encode(step, state)
-        for entry, (path, leaf), (digest, finite) in zip(
+        for entry, (path, leaf), (digest, nans, infs) in zip(
             spec, stored, survey([a for _, a in stored])
         ):
-            if not finite:
-                nans, infs = count_nonfinite(leaf)
+            if nans or infs:
                 raise NonFiniteCheckpointError(
                     f"refusing to save step {step}: leaf {path!r} "
                     f"({describe(leaf.shape, leaf.dtype)}) holds {nans} NaN and {infs} "
@@ -433,7 +432,7 @@ class CheckpointStore:
                 f"cannot read the arrays of step {step} from {step_dir / ARRAYS}: "
                 f"{type(e).__name__}: {e}"
             ) from e
-        for path, (digest, _) in zip(list(values), survey(list(values.values()))):
+        for path, (digest, _, _) in zip(list(values), survey(list(values.values()))):
             if digest != spec[path]["digest"]:
                 raise CorruptCheckpointError(
                     f"the array {path!r} in {step_dir / ARRAYS} does not match its digest: "

@@ -71,41 +71,55 @@ def digest(xp: Any, x: Any) -> Any:
         return xp.sum(_fmix(xp, words ^ (position * xp.uint32(0x9E3779B1))), dtype=xp.uint32)
 
 
-def _finite(xp: Any, x: Any) -> Any:
-    """Whether every element is finite: the largest magnitude is (NaN propagates)."""
-    if not jnp.issubdtype(x.dtype, jnp.inexact) or x.size == 0:  # jnp knows bfloat16 is one
-        return xp.bool_(True)
-    return xp.isfinite(xp.max(xp.abs(x)))
+def _nonfinite(xp: Any, x: Any) -> tuple[Any, Any]:
+    if not jnp.issubdtype(x.dtype, jnp.inexact):  # jnp knows bfloat16 is one
+        return xp.int32(0), xp.int32(0)
+    return xp.sum(xp.isnan(x), dtype=xp.int32), xp.sum(xp.isinf(x), dtype=xp.int32)
+
+
+def _maybe_finite(x: jax.Array) -> jax.Array:
+    """False when some element of ``x`` is NaN or infinite, or when its sum overflowed
+    (``survey`` then counts). NaN and infinity survive any order of addition, across
+    devices too (a sharded max drops NaN on the CPU), and a sum of ``x`` itself makes
+    no array its size (counting would reduce an int32 flag per element, which XLA
+    on the CPU writes out in full)."""
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.bool_(True)
+    return jnp.isfinite(lax.reduce(x, jnp.zeros((), x.dtype), lax.add, tuple(range(x.ndim))))
 
 
 @jax.jit
-def _on_device(arrays: list[jax.Array]) -> jax.Array:
-    """``(digest, finite)`` per array, as one (n, 2) array: one transfer back."""
-    return jnp.stack(
-        [jnp.stack([digest(jnp, x), _finite(jnp, x).astype(jnp.uint32)]) for x in arrays]
-    )
+def _on_device(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return digest(jnp, x), _maybe_finite(x)
 
 
-def survey(leaves: list[Any]) -> list[tuple[int, bool]]:
-    """``(digest, all finite)`` of each leaf: JAX arrays on their devices (one
-    compiled program; in a run over several processes every process must call it,
-    as every process saves and restores), the rest on the host."""
-    out: list[Any] = [None] * len(leaves)
-    on_device = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
-    if on_device:
-        # The result is replicated: every process reads its own copy.
-        values = np.asarray(_on_device([leaves[i] for i in on_device]).addressable_data(0))
-        for i, (value, finite) in zip(on_device, values):
-            out[i] = (int(value), bool(finite))
-    for i, leaf in enumerate(leaves):
-        if out[i] is None:
+@jax.jit
+def _count_on_device(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _nonfinite(jnp, x)
+
+
+def _read(value: jax.Array) -> int:
+    return int(np.asarray(value.addressable_data(0)))  # replicated: every process has it
+
+
+def survey(leaves: list[Any]) -> list[tuple[int, int, int]]:
+    """``(digest, NaN count, infinity count)`` of each leaf: JAX arrays on their devices,
+    the rest on the host. In a run over several processes every process must call
+    it with the same leaves, as every process saves and restores.
+
+    One program per leaf, each read before the next starts, so the temporaries XLA
+    makes are bounded by the largest leaf rather than the whole state: on the CPU
+    it writes out the input of every reduction (a mixed word per element), and one
+    program over a whole state held 1.5 times the state's share of each process.
+    Programs are compiled once per shape and sharding, not once per state.
+    """
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, jax.Array):
+            digest_value, finite = _on_device(leaf)
+            counts = (0, 0) if _read(finite) else map(_read, _count_on_device(leaf))
+            out.append((_read(digest_value), *counts))
+        else:
             host = np.asarray(leaf)
-            out[i] = (int(digest(np, host)), bool(_finite(np, host)))
+            out.append(tuple(int(v) for v in (digest(np, host), *_nonfinite(np, host))))
     return out
-
-
-def count_nonfinite(leaf: Any) -> tuple[int, int]:
-    """How many NaN and infinite values ``leaf`` holds (for the message, after
-    ``survey`` found some)."""
-    xp = jnp if isinstance(leaf, jax.Array) else np
-    return int(xp.sum(xp.isnan(leaf))), int(xp.sum(xp.isinf(leaf)))
