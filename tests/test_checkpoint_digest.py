@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fnnet import train
 from fnnet.train import _digest
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
@@ -49,3 +50,17 @@ def test_the_temporaries_of_a_leaf_are_one_word_per_element_it_holds():
     x = _split(np.ones((1024, 512), np.float32))
     stats = _digest._on_device.lower(x).compile().memory_analysis()
     assert stats.temp_size_in_bytes <= 1.1 * x.addressable_shards[0].data.nbytes, stats
+
+
+def test_complex_leaves_have_a_digest_and_round_trip(tmp_path, rng):
+    x = (rng.standard_normal((8, 3)) + 1j * rng.standard_normal((8, 3))).astype(np.complex64)
+    on_host = _digest.survey([x])
+    assert _digest.survey([jnp.asarray(x)]) == on_host == _digest.survey([_split(x)])
+    y = x.copy()
+    y[2, 1] = complex(y[2, 1].real, -y[2, 1].imag)  # the imaginary part alone changed
+    assert _digest.survey([y])[0][0] != on_host[0][0]
+    store = train.CheckpointStore(tmp_path)
+    store.save(1, {"z": jnp.asarray(x), "w": np.complex128(1 + 2j)}, metadata={})
+    back, _ = store.restore(1)
+    np.testing.assert_array_equal(back["z"], x)
+    assert back["w"] == np.complex128(1 + 2j) and back["w"].dtype == np.complex128

@@ -34,7 +34,10 @@ def _fmix(xp: Any, h: Any) -> Any:
 
 
 def _words(xp: Any, x: Any) -> Any:
-    """The bits of ``x`` as uint32 words, with a trailing axis of 1 or 2 words per element."""
+    """The bits of ``x`` as uint32 words, with a trailing axis of the words per element."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):  # the real and the imaginary parts
+        parts = _words(xp, xp.stack([x.real, x.imag], axis=-1))
+        return parts.reshape(*x.shape, -1)
     size = x.dtype.itemsize
     bits_type = {1: xp.uint8, 2: xp.uint16, 4: xp.uint32, 8: xp.uint64}[size]
     if x.dtype == np.bool_:
