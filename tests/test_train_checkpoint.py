@@ -493,3 +493,14 @@ def test_the_digest_is_the_same_on_the_host_on_one_device_and_on_any_sharding():
         [0, 1],
         [0, 0],
     ]
+
+
+def test_metadata_changed_after_save_does_not_change_what_is_written(tmp_path):
+    # The record is written in the background; fit's history grows meanwhile.
+    history = [{"step": 1}]
+    manager = CheckpointStore(tmp_path)
+    for step in range(1, 6):
+        manager.save(step, small_state(step), metadata={"history": history})
+        history.append({"step": step + 1})
+    assert manager.steps() == [3, 4, 5]  # every record intact: none changed after its checksum
+    assert load_metadata(tmp_path, 4)["history"] == [{"step": s} for s in range(1, 5)]

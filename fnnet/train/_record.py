@@ -68,7 +68,9 @@ def new_record(step: int, metadata: Mapping[str, Any], metrics: Mapping | None) 
             f"{list(RESERVED)}"
         )
     try:
-        json.dumps(metadata, allow_nan=False)
+        # A copy: the record is written in the background, while the caller's lists
+        # (fit's history) go on growing.
+        metadata = json.loads(json.dumps(metadata, allow_nan=False))
     except (TypeError, ValueError) as e:
         raise TypeError(f"metadata must be JSON-able (numbers, strings, lists, dicts): {e}") from e
     clean = {}
