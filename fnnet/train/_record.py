@@ -144,7 +144,8 @@ def encode(step: int, state: Any) -> tuple[dict, list[tuple[str, Any]], list[dic
             leaf = jax.random.key_data(leaf)
             entry["key_data_shape"] = list(leaf.shape)
         else:
-            leaf = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
+            # A host leaf is copied: it is written in the background, after save returns.
+            leaf = leaf if isinstance(leaf, jax.Array) else np.array(leaf)
             if not (jnp.issubdtype(leaf.dtype, jnp.number) or leaf.dtype == np.bool_):
                 raise TypeError(
                     f"cannot save leaf {path!r} of step {step}: dtype {leaf.dtype} is not "
