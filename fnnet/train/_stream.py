@@ -68,6 +68,13 @@ def resumable(source: Any) -> bool:
 # --- Reading .npy files -----------------------------------------------------------------
 
 
+def _host_cpu() -> jax.Device:
+    """This process's own CPU device. ``jax.devices("cpu")`` lists every process's
+    under ``jax.distributed``, and the first belongs to process 0: another process
+    computing there could not read the result back."""
+    return jax.local_devices(backend="cpu")[0]
+
+
 def _open_npy(path: str | os.PathLike, role: str) -> np.memmap:
     """``path`` memory-mapped read-only; every way it can be unreadable names it."""
     path = os.fspath(path)
@@ -194,7 +201,7 @@ class NpyBatches:
         self._step = 0
         self._order: tuple[int, np.ndarray] | None = None
         # The data key of init_state(seed=seed), whose epochs fit shuffles in memory.
-        with jax.default_device(jax.devices("cpu")[0]):
+        with jax.default_device(_host_cpu()):
             self._data_key = jax.random.split(jax.random.key(seed), 3)[2]
 
     def __iter__(self) -> NpyBatches:
@@ -202,7 +209,7 @@ class NpyBatches:
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
-            with jax.default_device(jax.devices("cpu")[0]):
+            with jax.default_device(_host_cpu()):
                 order = epoch_order(
                     self._data_key, epoch, num_examples=self.num_examples, shuffle=self.shuffle
                 )
@@ -256,11 +263,11 @@ def _gather_json(value: Any) -> list[Any]:
     if jax.process_count() == 1:
         return [value]
     raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.asarray([raw.size], np.int64))
+    lengths = np.asarray(multihost_utils.process_allgather(np.int64(raw.size)))  # (procs,)
     padded = np.zeros(int(np.max(lengths)), np.uint8)
     padded[: raw.size] = raw
-    every = np.asarray(multihost_utils.process_allgather(padded))
-    return [json.loads(bytes(every[p, : int(lengths[p])]).decode()) for p in range(len(every))]
+    every = np.asarray(multihost_utils.process_allgather(padded))  # (procs, longest)
+    return [json.loads(bytes(row[:length]).decode()) for row, length in zip(every, lengths)]
 
 
 class Feed:
