@@ -482,6 +482,22 @@ def batch_sharding(mesh: Any, batch_axis: Any) -> NamedSharding | None:
     return NamedSharding(mesh, P(None, batch_axis) if batch_axis is not None else P())
 
 
+def check_shared(feed: Feed, placement: Any, where: str) -> None:
+    """Refuses to train on one process's share of each batch as if it were the batch.
+
+    With several processes each source yields only its own rows; without a
+    sharding over every process's devices nothing would join them, and each
+    process would train its own copy on a part of every batch. ``placement`` is
+    the mesh or the sharding the batches go to (None: neither)."""
+    if placement is None and jax.process_count() > 1:
+        raise ValueError(
+            f"{where}: {feed.argument} yields this process's {feed.local_rows} rows of each "
+            f"batch of {feed.batch_size} ({jax.process_count()} processes), and without a mesh "
+            "no process sees the others' rows; give a mesh over every process's devices "
+            "(fit: mesh='auto'; fnnet.distributed.make_sharded_steps)"
+        )
+
+
 def streamed_steps(
     step_fn: Callable,
     source: Any,
@@ -508,6 +524,7 @@ def streamed_steps(
         feed = Feed(source, batch_size=batch_size, argument="dataset")
     if sharding is not None:
         feed.sharding = sharding
+    check_shared(feed, feed.sharding, "make_fused_steps")
     compiled = streamed_program(step_fn, **program)
 
     def run(state):
