@@ -122,6 +122,11 @@ def _open_npy(path: str | os.PathLike, role: str) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
+# One compiled program, not a dozen dispatches of single operations (7 ms for 4,000
+# examples on the CPU); integer arithmetic and a sort, so the same order to the bit.
+_epoch_order_program = jax.jit(epoch_order, static_argnames=("num_examples", "shuffle"))
+
+
 class NpyBatches:
     """Batches read from memory-mapped ``.npy`` files, only the rows each one needs.
 
@@ -199,7 +204,8 @@ class NpyBatches:
         self.shuffle = bool(shuffle)
         self.steps_per_epoch = self.num_examples // batch_size
         self._step = 0
-        self._order: tuple[int, np.ndarray] | None = None
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order)
+        self._next_order: tuple[int, jax.Array] | None = None  # (epoch, its order, under way)
         # The data key of init_state(seed=seed), whose epochs fit shuffles in memory.
         with jax.default_device(_host_cpu()):
             self._data_key = jax.random.split(jax.random.key(seed), 3)[2]
@@ -207,13 +213,27 @@ class NpyBatches:
     def __iter__(self) -> NpyBatches:
         return self
 
+    def _start_order(self, epoch: int) -> jax.Array:
+        with jax.default_device(_host_cpu()):
+            return _epoch_order_program(self._data_key, epoch, num_examples=self.num_examples)
+
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        if self._order is None or self._order[0] != epoch:
-            with jax.default_device(_host_cpu()):
-                order = epoch_order(
-                    self._data_key, epoch, num_examples=self.num_examples, shuffle=self.shuffle
-                )
-                self._order = (epoch, np.asarray(order))
+        """Epoch ``epoch``'s order; the next epoch's is started as this one is fetched.
+
+        On the CPU backend the order is computed on the device that trains, after
+        the programs already queued there: fetched at once, it would keep the read
+        ahead waiting for the chunk it should overlap. Started an epoch early it
+        runs between two chunks and is there when the next epoch begins.
+        """
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
+        if not self.shuffle:
+            self._order = (epoch, np.arange(self.num_examples, dtype=np.int32))
+            return self._order[1]
+        ahead = self._next_order
+        order = ahead[1] if ahead is not None and ahead[0] == epoch else self._start_order(epoch)
+        self._order = (epoch, np.asarray(order))
+        self._next_order = (epoch + 1, self._start_order(epoch + 1))
         return self._order[1]
 
     def __next__(self) -> tuple[Any, np.ndarray]:
