@@ -64,10 +64,16 @@ class RecordedRows:
 
 
 def recorded(source: train.NpyBatches) -> list[np.ndarray]:
-    """The rows ``source`` reads from its labels' file from now on, one entry a batch."""
+    """The rows ``source`` reads from its labels' file from now on, one entry a read:
+    a batch's ``(rows,)``, or a chunk's ``(batches, rows)`` (``next_batches``)."""
     log: list[np.ndarray] = []
     source._arrays["y"] = RecordedRows(source._arrays["y"], log)
     return log
+
+
+def per_batch(log: list[np.ndarray]) -> np.ndarray:
+    """The reads ``recorded`` noted, one line a batch, in order: ``(batches, rows)``."""
+    return np.concatenate([np.reshape(rows, (-1, np.shape(rows)[-1])) for rows in log])
 
 
 class Slow:
@@ -114,14 +120,14 @@ def main(args: list[str]) -> None:
     result, rows = train_once(data, checkpoint=checkpoint, callbacks=callbacks)
     arrays = {f"leaf_{i}": leaf for i, leaf in enumerate(gathered(result))}
     arrays["resumed"] = np.asarray(-1 if result.resumed_from is None else result.resumed_from)
-    arrays["rows"] = np.stack(rows)
+    arrays["rows"] = per_batch(rows)
     arrays["refused"] = np.asarray(refused)
     if "--replicas" in args:
         # Whole replicas per device: the batches' rows are gathered across processes.
         seeds = [SEED + r for r in range(int(args[args.index("--replicas") + 1]))]
         result, rows = train_once(data, seed=seeds)
         arrays.update({f"replicas_{i}": leaf for i, leaf in enumerate(gathered(result))})
-        arrays["replica_rows"] = np.stack(rows)
+        arrays["replica_rows"] = per_batch(rows)
     np.savez(out, **arrays)
     print(f"process {process_id} done", flush=True)
 

@@ -27,6 +27,7 @@ from _multihost_stream_worker import (
     SEED,
     STEPS,
     model_and_optimizer,
+    per_batch,
     recorded,
     write_data,
 )
@@ -123,9 +124,9 @@ def test_each_process_reads_only_its_own_rows(data, unbroken, threefry):
     rows = recorded(whole)
     for _ in range(STEPS):
         next(whole)
-    whole_rows = np.stack(rows)  # (STEPS, BATCH)
+    whole_rows = per_batch(rows)  # (STEPS, BATCH)
     first, second = (r["rows"] for r in unbroken)
-    # One read a step, none ahead past the last one, BATCH / 2 rows each.
+    # A line a batch trained on (none read ahead past the last step), BATCH / 2 rows each.
     assert first.shape == second.shape == (STEPS, BATCH // PROCESSES)
     for step in range(STEPS):
         assert not set(first[step]) & set(second[step]), step
