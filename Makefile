@@ -70,6 +70,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.core
 	$(PY) -m bench.step_overhead
 	$(PY) -m bench.floor
+	$(PY) -m bench.stream
 	$(PY) -m bench.train --repeats 3
 	$(PY) -m bench.train --models transformer,transformer_tokens \
 	  --contenders jnp,nnx_split,fnnet,fused,torch,torch1 --repeats 2

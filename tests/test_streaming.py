@@ -102,6 +102,65 @@ def test_each_process_reads_its_share_of_every_batch(files):
         np.testing.assert_array_equal(y, np.concatenate([p[1] for p in parts]))
 
 
+def test_next_batches_stacks_what_next_gives(files):
+    folder, _ = files
+    one, many = (_batches(folder, seed=2, process_index=1, process_count=2) for _ in range(2))
+    one.set_state({"step": 4})
+    many.set_state({"step": 4})
+    expected = [next(one) for _ in range(5)]  # steps 4 to 8: across the end of epoch 0
+    x, y = many.next_batches(5)
+    assert x.shape == (5, BATCH // 2, 6) and y.shape == (5, BATCH // 2)
+    np.testing.assert_array_equal(x, np.stack([bx for bx, _ in expected]))
+    np.testing.assert_array_equal(y, np.stack([by for _, by in expected]))
+    assert many.get_state() == one.get_state() == {"step": 9}
+    with pytest.raises(ValueError, match="next_batches: count must be a positive int, got 0"):
+        many.next_batches(0)
+
+
+class _Counted:
+    """An NpyBatches that notes how it is read: ``"next"``, or the count of a
+    ``next_batches``; ``cut`` drops the last rows of every chunk it gives."""
+
+    def __init__(self, source, cut=0):
+        self.source, self.cut, self.reads = source, cut, []
+        self.batch_size = source.batch_size
+
+    def __next__(self):
+        self.reads.append("next")
+        return next(self.source)
+
+    def next_batches(self, count):
+        self.reads.append(count)
+        x, y = self.source.next_batches(count)
+        rows = x.shape[1] - self.cut
+        return x[:, :rows], y[:, :rows]
+
+    def get_state(self):
+        return self.source.get_state()
+
+    def set_state(self, state):
+        self.source.set_state(state)
+
+
+def test_fit_reads_each_chunk_of_a_source_with_one_call(files):
+    folder, data = files
+    source = _Counted(_batches(folder, seed=SEED))
+    streamed = _fit(source, steps=12, steps_per_call=4)
+    # The first batch alone (fit learns the batches' shapes from it), then a call a chunk.
+    assert source.reads == ["next", 3, 4, 4]
+    memory = _fit(data, steps=12, steps_per_call=4)
+    for a, b in zip(_leaves(memory), _leaves(streamed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_chunk_of_the_wrong_size_names_its_steps(files):
+    folder, _ = files
+    # The first chunk: the first batch (whole), then next_batches(3) for steps 1 to 3.
+    message = r"batches at steps 1 to 3 have 13 rows in \[0\] \(shape \(3, 13, 6\)\), expected 16"
+    with pytest.raises(train.SourceError, match=message):
+        _fit(_Counted(_batches(folder), cut=3), steps=8, steps_per_call=4)
+
+
 def test_dict_inputs_come_from_one_file_each(tmp_path):
     x, y = _problem(40)
     lengths = np.arange(40, dtype=np.int32)

@@ -683,6 +683,8 @@ def fit(
     if hyperparams is not None and not isinstance(hyperparams, Mapping):
         raise TypeError(f"fit: hyperparams must be a dict name -> value, got {hyperparams!r}")
     where = place_run(mesh, replicas, batch_size)
+    if feed is not None:
+        _stream.check_shared(feed, where.mesh, "fit")
     platform = jax.default_backend() if where.mesh is None else where.mesh.devices.flat[0].platform
     first_device = jax.devices()[0] if where.mesh is None else where.mesh.devices.flat[0]
     peak = _cost.peak_flops(first_device, override=peak_flops)
