@@ -173,7 +173,7 @@ def test_replicas_split_over_two_processes_train_like_one(data, unbroken, threef
 def test_a_killed_pair_resumes_as_the_unbroken_one(data, unbroken, tmp_path):
     run = tmp_path / "run"
     workers = _start(data, tmp_path, "--checkpoint", str(run), "--slow")
-    manager = train.CheckpointManager(run)
+    manager = train.CheckpointStore(run)
     deadline = time.time() + TIMEOUT_S
     while not (run.exists() and manager.steps()):
         assert time.time() < deadline, "no checkpoint appeared"

@@ -11,7 +11,7 @@ the process ends, however it ends, so a trainer killed with SIGKILL never leaves
 stale lock behind, and there is nothing to clean up by hand. The file itself stays
 (removing it would let two processes lock two different files of the same name);
 while held it says who holds it, as one line of JSON: ``pid``, ``host`` and
-``started``. ``CheckpointManager`` ignores it, as it ignores every name that is
+``started``. ``CheckpointStore`` ignores it, as it ignores every name that is
 not a step number.
 """
 
