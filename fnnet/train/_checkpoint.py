@@ -305,7 +305,7 @@ class CheckpointStore:
         record = _record.seal(record | {"spec": spec, "structure": structure})
         self.wait()  # the step before is committed (or failed) before this one is judged
         final = self.directory / str(step)
-        if step in self._step_dirs():
+        if final.is_dir():
             self._move_aside_if_damaged(step)
         self.directory.mkdir(parents=True, exist_ok=True)
         value = record["metrics"].get(self.best_metric) if self.best_metric else None
@@ -448,6 +448,10 @@ class CheckpointStore:
         ), record
 
 
+# Shardings that fit a key's data too, which has one more axis (they leave it whole).
+_ANY_RANK = (jax.sharding.NamedSharding, jax.sharding.SingleDeviceSharding)
+
+
 def _wanted_leaves(spec: dict[str, dict], target: Any) -> dict[str, Any]:
     """``{path: what orbax restores it as}``: a ``ShapeDtypeStruct`` with the target
     leaf's sharding, a NumPy array for a host leaf, else a ``ShapeDtypeStruct`` on
@@ -463,9 +467,9 @@ def _wanted_leaves(spec: dict[str, dict], target: Any) -> dict[str, Any]:
         dtype = np.dtype("uint32" if key else entry["dtype"])
         leaf = given[path]
         sharding = getattr(leaf, "sharding", None)
-        # A key's data has one more axis, which these two shardings leave whole.
-        fits = (jax.sharding.NamedSharding, jax.sharding.SingleDeviceSharding)
-        if isinstance(sharding, fits) or (isinstance(sharding, jax.sharding.Sharding) and not key):
+        if isinstance(sharding, _ANY_RANK) or (
+            isinstance(sharding, jax.sharding.Sharding) and not key
+        ):
             out[path] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
         elif isinstance(leaf, (np.ndarray, np.generic, int, float, complex)) or (
             jax.dtypes.canonicalize_dtype(dtype) != dtype

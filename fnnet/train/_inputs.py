@@ -129,12 +129,13 @@ def check_labels(model: Layer, example: Any, y: Any, *, where: str = "train_data
 
 
 def check_params(model: Layer, params: Any, example: Any, *, where: str = "params") -> None:
-    """``params`` must have exactly the paths and shapes ``model.init`` gives for ``example``.
+    """``params`` must have exactly the paths and shapes ``model.init`` gives for ``example``
+    (arrays, or ``jax.ShapeDtypeStruct`` leaves).
 
     Raises:
       ParamsError: naming the missing, extra or mis-shaped entries.
     """
-    want = jax.eval_shape(lambda: init_example(model, jax.random.key(0), example))[0]
+    want = jax.eval_shape(lambda ex: init_example(model, jax.random.key(0), ex), example)[0]
 
     def flat(tree):
         return {

@@ -40,7 +40,7 @@ from fnnet.train._checkpoint_errors import CheckpointError
 from fnnet.train._clock import CompileClock
 from fnnet.train._evaluate import _batch_sums
 from fnnet.train._fingerprint import data_fingerprint, differences, fingerprint
-from fnnet.train._inputs import check_labels, init_example
+from fnnet.train._inputs import ParamsError, check_labels, check_params, init_example
 from fnnet.train._lock import DirectoryLock, check_checkpoint_dir, check_shared
 from fnnet.train._precision import Policy, describe_policy, resolve_policy
 from fnnet.train._sharding import make_sharded_steps, replicate, shard_state
@@ -1201,24 +1201,15 @@ def _example_struct(spec: Any) -> Any:
 
 
 def _check_rebuilt(model: Layer, state: Any, metadata: dict, directory: Any) -> None:
-    """The model rebuilt from the record must have exactly the restored tree: a record
-    that says another model than the weights were trained for is refused."""
-    example = _example_struct(metadata["example"])
-    want = jax.eval_shape(lambda ex: init_example(model, jax.random.key(0), ex), example)
-    replicas = metadata["fit"]["replicas"] is not None
-
-    def shapes(tree, skip=0):
-        return {
-            jax.tree_util.keystr(path): (tuple(leaf.shape[skip:]), str(leaf.dtype))
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-        }
-
-    have = shapes((state.params, state.model_state), skip=1 if replicas else 0)
-    need = shapes(want)
-    if have != need:
-        lines = [f"{p}: model {need.get(p)}, checkpoint {have.get(p)}"
-                 for p in sorted(set(have) | set(need)) if have.get(p) != need.get(p)]  # fmt: skip
-        raise ValueError(
-            f"the checkpoint in {directory} holds weights that do not fit the model its record "
-            f"describes ({model.kind}): " + "; ".join(lines[:8])
-        )
+    """The model rebuilt from the record must have exactly the restored parameters: a
+    record that says another model than the weights were trained for is refused."""
+    params = state.params
+    if metadata["fit"]["replicas"] is not None:  # one replica's shapes
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), params)
+    try:
+        check_params(model, params, _example_struct(metadata["example"]), where="load_model")
+    except ParamsError as e:
+        raise ParamsError(
+            f"the checkpoint in {directory} holds weights that do not fit the model its "
+            f"record describes: {e}"
+        ) from None
