@@ -8,9 +8,7 @@ restores their checkpoint.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -18,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 from _multihost_worker import BATCH, IMPL, STEPS, host_batch, problem
+from _processes import finish, free_port, worker_env
 
 from fnnet import train
 
@@ -26,43 +25,22 @@ PROCESSES = 2
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def joint_run(tmp_path_factory):
     """Runs the two workers to the end; returns their output directory."""
     out = tmp_path_factory.mktemp("multihost")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), str(WORKER.parent)]),
-    }
+    port = free_port()
     workers = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(i), str(PROCESSES), str(port), str(out)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=env,
+            env=worker_env(WORKER),
         )
         for i in range(PROCESSES)
     ]
-    logs = []
-    try:
-        for worker in workers:
-            logs.append(worker.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-    for i, (worker, log) in enumerate(zip(workers, logs)):
-        assert worker.returncode == 0, f"worker {i} failed:\n{log[-4000:]}"
-        assert f"process {i} done" in log
+    finish(workers, TIMEOUT_S, done=True)
     return out
 
 

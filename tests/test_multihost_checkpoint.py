@@ -21,10 +21,8 @@ at a time) a save raised it by 57.3 MB and a restore by 77 to 81 MB.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +31,7 @@ import jax
 import numpy as np
 import pytest
 from _multihost_checkpoint_worker import METADATA, SMALL, bits, make_state
+from _processes import free_port, worker_env
 
 from fnnet import distributed, train
 
@@ -48,26 +47,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def killed_pair(tmp_path_factory):
     """Runs the two workers to the middle of their save of step 2 and kills both;
     returns the checkpoint directory and each process's results."""
     directory = tmp_path_factory.mktemp("multihost-checkpoint") / "ckpt"
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), str(WORKER.parent)]),
+    port = free_port()
+    env = worker_env(
+        WORKER,
         # Every block of 128 KiB or more is mapped on its own and unmapped when freed
         # (glibc otherwise raises this threshold as blocks are freed, and serves the
         # next ones from memory already counted), so a peak counts each allocation.
-        "MALLOC_MMAP_THRESHOLD_": str(128 * 1024),
-    }
+        MALLOC_MMAP_THRESHOLD_=str(128 * 1024),
+    )
     workers = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(i), str(PROCESSES), str(port), str(directory)],

@@ -9,13 +9,13 @@ which checkpoint to resume, and both resume it.
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _processes import finish, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # 160 steps: the quick MLP overfits at a high learning rate, and a longer run lets
@@ -25,18 +25,12 @@ ARGS = ["architectures", "models=mlp", "steps=160", "eval_every=20", "--quick"]
 TIMEOUT_S = 300
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(devices: int) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_NUM_CPU_DEVICES": str(devices)}
 
 
 def _start_pair(out: Path) -> list[subprocess.Popen]:
-    port = _port()
+    port = free_port()
     return [
         subprocess.Popen(
             [
@@ -69,16 +63,7 @@ def _start_pair(out: Path) -> list[subprocess.Popen]:
 
 
 def _finish(workers) -> None:
-    logs = []
-    try:
-        logs = [w.communicate(timeout=TIMEOUT_S)[0] for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.communicate()
-    for i, (w, log) in enumerate(zip(workers, logs)):
-        assert w.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
+    finish(workers, TIMEOUT_S)
 
 
 def _rows(out: Path) -> list[dict]:

@@ -9,10 +9,8 @@ unbroken pair does.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +29,7 @@ from _multihost_stream_worker import (
     recorded,
     write_data,
 )
+from _processes import finish, free_port, worker_env
 
 from fnnet import train
 
@@ -41,13 +40,7 @@ PER_EPOCH = EXAMPLES // BATCH
 
 
 def _start(data: pathlib.Path, out: pathlib.Path, *args: str) -> list[subprocess.Popen]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(WORKER.parent.parent), str(WORKER.parent)]),
-    }
+    port = free_port()
     return [
         subprocess.Popen(
             [
@@ -63,24 +56,14 @@ def _start(data: pathlib.Path, out: pathlib.Path, *args: str) -> list[subprocess
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=env,
+            env=worker_env(WORKER),
         )  # fmt: skip
         for i in range(PROCESSES)
     ]
 
 
 def _finish(workers: list[subprocess.Popen]) -> None:
-    logs = []
-    try:
-        logs = [w.communicate(timeout=TIMEOUT_S)[0] for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.communicate()
-    for i, (w, log) in enumerate(zip(workers, logs)):
-        assert w.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
-        assert f"process {i} done" in log
+    finish(workers, TIMEOUT_S, done=True)
 
 
 def _results(out: pathlib.Path) -> list[dict[str, np.ndarray]]:
