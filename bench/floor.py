@@ -49,7 +49,7 @@ import optax
 
 from bench._train_baselines import handwritten_step
 from bench.train import _choice_list, _fnnet_model, model_input
-from fnnet._src.conv_layout import canonicalize_convolutions
+from fnnet._src.cpu_layout import canonicalize_convolutions
 from fnnet.train import init_replicas, init_state, make_fused_steps, make_train_step
 from fnnet.train._losses import softmax_cross_entropy
 from tests import handwritten

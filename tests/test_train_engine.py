@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import fnnet
-from fnnet._src.conv_layout import canonicalize_convolutions
+from fnnet._src.cpu_layout import canonicalize_convolutions
 from fnnet.train._data import (
     batch_indices,
     epoch_orders,
@@ -507,7 +507,7 @@ def _conv_layouts(compiled_text):
 def test_fused_convolutions_are_in_the_fast_cpu_layout(data):
     # XLA:CPU canonicalizes convolution layouts only in the entry computation;
     # inside the scan's loop the gradient convolutions would stay as they are
-    # and run as naive loops. See fnnet/_src/conv_layout.py.
+    # and run as naive loops. See fnnet/_src/cpu_layout.py.
     model, opt = _tiny_cnn(), optax.sgd(0.1)
     state = init_state(model, opt, data[0][0], seed=0)
     step = make_train_step(model, opt, softmax_cross_entropy)

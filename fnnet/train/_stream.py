@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fnnet._src.conv_layout import canonicalize_convolutions
+from fnnet._src.cpu_layout import canonicalize_convolutions
 from fnnet.train._data import epoch_order
 from fnnet.train._fingerprint import data_fingerprint
 
@@ -511,7 +511,7 @@ def for_loops(step_fn: Callable, canonical_convs: bool | None) -> Callable:
 
     With ``canonical_convs`` (None: when JAX's default backend is the CPU) the
     step's convolutions are put in XLA:CPU's fast layout (see
-    ``fnnet._src.conv_layout``). The in-memory fused program, the streamed one and
+    ``fnnet._src.cpu_layout``). The in-memory fused program, the streamed one and
     the step-by-step path all go through here, so they compile the same
     arithmetic and agree bit for bit.
     """
