@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fnnet._src.cpu_layout import rows_first_dots
 from fnnet._src.layer import Layer
 from fnnet.train import _stream
 from fnnet.train._data import (
@@ -198,6 +199,7 @@ def make_train_step(
     skip_nonfinite: bool = False,
     finite_check: str = "auto",
     spmd_axis_name: Any = None,
+    rows_first: bool | None = None,
 ) -> StepFn:
     """Builds the pure function ``step(state, batch) -> (state, metrics)``.
 
@@ -236,6 +238,13 @@ def make_train_step(
         for one example, then keeps the batch dimension split over that axis
         instead of gathering it (``fit`` passes its mesh's batch axis). None: no
         mesh, or the batch is not split.
+      rows_first: take every product over a batch of sequences, ``(batch, seq,
+        features) @ w``, as one over ``batch * seq`` rows before differentiating,
+        so that its weight gradient contracts over one axis, which XLA:CPU runs
+        several times faster than the same gradient over two
+        (``fnnet._src.cpu_layout``; the Transformer's step 1.16 to 1.19x faster).
+        The same products, the sums perhaps in another order. None: only when
+        JAX's default backend is the CPU.
 
     Returns:
       ``step(state, batch)``, where ``batch = (x, y)`` has a leading batch axis on
@@ -259,6 +268,12 @@ def make_train_step(
     """
     metric_fns = dict(metric_fns or {})
     check = _finite_check(finite_check)
+    if rows_first is not None and not isinstance(rows_first, bool):
+        raise TypeError(
+            f"make_train_step: rows_first must be True, False or None, got {rows_first!r}"
+        )
+    if rows_first is None:
+        rows_first = jax.default_backend() == "cpu"
     if "loss" in metric_fns:
         raise ValueError('metric_fns must not use the name "loss"; the step reports it itself')
 
@@ -283,13 +298,15 @@ def make_train_step(
         loss = jnp.mean(jax.vmap(loss_fn)(output, y))
         return loss, (output, new_model_state)
 
+    differentiated = rows_first_dots(loss_and_output) if rows_first else loss_and_output
+
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         x, y = batch
         batch_size = jax.tree.leaves(x)[0].shape[0]
         keys = jax.random.split(jax.random.fold_in(state.key, state.step), batch_size)
-        (loss, (output, new_model_state)), grads = jax.value_and_grad(
-            loss_and_output, has_aux=True
-        )(state.params, state.model_state, x, y, keys)
+        (loss, (output, new_model_state)), grads = jax.value_and_grad(differentiated, has_aux=True)(
+            state.params, state.model_state, x, y, keys
+        )
 
         # Detection costs next to nothing: the reduction runs alongside the
         # optimizer's update. Skipping is what costs (see skip_nonfinite): a
@@ -407,7 +424,7 @@ def make_fused_steps(
       canonical_convs: rewrite convolutions into the layout XLA:CPU runs fast
         (None: only when the default backend is the CPU). Without it, the
         gradient convolutions inside the scan's loop run as naive loop nests,
-        several times slower than the same step jitted alone (``fnnet._src.conv_layout``).
+        several times slower than the same step jitted alone (``fnnet._src.cpu_layout``).
       donate: give the state's buffers to the program (``donate_argnums``), so
         the new state is written where the old one was instead of beside it:
         the state then takes its memory once, not twice. ``run(state)`` deletes
