@@ -242,7 +242,7 @@ def make_train_step(
         features) @ w``, as one over ``batch * seq`` rows before differentiating,
         so that its weight gradient contracts over one axis, which XLA:CPU runs
         several times faster than the same gradient over two
-        (``fnnet._src.cpu_layout``; the Transformer's step 1.16 to 1.19x faster).
+        (``fnnet._src.cpu_layout``; the Transformer's step 1.05 to 1.19x faster).
         The same products, the sums perhaps in another order. None: only when
         JAX's default backend is the CPU.
 
