@@ -123,9 +123,9 @@ def _rows_first_plan(lhs_shape: tuple, rhs_shape: tuple, params: dict) -> int | 
     return first
 
 
-def _rows_first_dot(lhs: jax.Array, rhs: jax.Array, **params: Any) -> jax.Array:
-    """The product ``params`` describes, over ``lhs`` reshaped to ``(rows, k)``."""
-    first = _rows_first_plan(lhs.shape, rhs.shape, params)
+def _rows_first_dot(lhs: jax.Array, rhs: jax.Array, *, first: int, **params: Any) -> jax.Array:
+    """The product ``params`` describes, over ``lhs`` reshaped to ``(rows, k)``;
+    ``first`` is ``rhs``'s first contracted axis (from :func:`_rows_first_plan`)."""
     count = len(params["dimension_numbers"][0][0])  # lhs's last, in rhs's order from first
     rows, inner = lhs.shape[: lhs.ndim - count], lhs.shape[lhs.ndim - count :]
     lhs = lax.reshape(lhs, (math.prod(rows), math.prod(inner)))
@@ -142,7 +142,8 @@ def _rows_first_dot(lhs: jax.Array, rhs: jax.Array, **params: Any) -> jax.Array:
 
 def _dot_rule(eqn: core.JaxprEqn) -> Callable[..., jax.Array] | None:
     lhs, rhs = (v.aval.shape for v in eqn.invars)
-    return _rows_first_dot if _rows_first_plan(lhs, rhs, eqn.params) is not None else None
+    first = _rows_first_plan(lhs, rhs, eqn.params)
+    return None if first is None else functools.partial(_rows_first_dot, first=first)
 
 
 # --- Replaying a jaxpr with some equations rewritten ---------------------------------
@@ -218,10 +219,12 @@ def _eval(jaxpr: core.Jaxpr, consts: Any, args: list[Any], rules: Rules) -> list
         write(v, value)
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if not _eqn_needs_rewrite(eqn, rules):
+        rule = rules.get(eqn.primitive)
+        fast = rule(eqn) if rule is not None else None
+        if fast is not None:
+            outvals = [fast(*invals, **eqn.params)]
+        elif not _eqn_needs_rewrite(eqn, rules):
             outvals = _bind(eqn, eqn.params, invals)
-        elif eqn.primitive in rules:
-            outvals = [rules[eqn.primitive](eqn)(*invals, **eqn.params)]
         elif eqn.primitive.name in ("jit", "pjit"):
             # Inline the nested jit: XLA inlines it anyway, and inlining spares
             # rebuilding its many parameters around a new jaxpr.
